@@ -1,0 +1,214 @@
+"""Each user's ``m.ignored_user_list``: parsing, validating PUTs, and a per-user store."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Final
+from urllib.parse import quote
+
+import httpx
+import msgspec
+from cachetools import LRUCache
+
+from ignore_proxy.identity import Credentials, is_user_id
+
+__all__ = [
+    "IGNORED_USER_LIST",
+    "IgnoreListStore",
+    "IgnoreListUnavailable",
+    "PutRejection",
+    "parse_ignored_users",
+    "validate_put_body",
+]
+
+log = logging.getLogger(__name__)
+
+IGNORED_USER_LIST: Final = "m.ignored_user_list"
+
+
+class IgnoreListUnavailable(Exception):
+    """The list could not be read and there is no last known one.
+
+    ``status`` is the upstream HTTP status when there was one (401 means the token the
+    read was made with is dead), None for timeouts and connection errors.
+    """
+
+    def __init__(self, status: int | None) -> None:
+        super().__init__(f"ignore list unavailable (upstream status {status})")
+        self.status = status
+
+
+def parse_ignored_users(content: object) -> frozenset[str]:
+    """The user IDs in an ``m.ignored_user_list`` content; malformed means nobody."""
+    ignored = content.get("ignored_users") if isinstance(content, dict) else None
+    if not isinstance(ignored, dict):
+        log.warning("m.ignored_user_list without an ignored_users object: nobody ignored")
+        return frozenset()
+    return frozenset(u for u in ignored if isinstance(u, str) and is_user_id(u))
+
+
+@dataclass(frozen=True, slots=True)
+class PutRejection:
+    """Why a client's PUT of ``m.ignored_user_list`` is refused (always HTTP 400)."""
+
+    errcode: str
+    error: str
+
+
+def validate_put_body(body: bytes, own_user_id: str) -> frozenset[str] | PutRejection:
+    """Check a client's new ``m.ignored_user_list`` content; return the ignored users.
+
+    ``{}`` is MSC3391's "delete" form: nobody ignored.
+    """
+    try:
+        content = msgspec.json.decode(body)
+    except msgspec.DecodeError:
+        return PutRejection("M_NOT_JSON", "Content not JSON.")
+    if not isinstance(content, dict):
+        return PutRejection("M_BAD_JSON", "Content must be a JSON object.")
+    if not content:
+        return frozenset()
+    ignored = content.get("ignored_users")
+    if not isinstance(ignored, dict):
+        return PutRejection("M_BAD_JSON", "ignored_users must be an object.")
+    for user_id in ignored:
+        if not is_user_id(user_id):
+            return PutRejection("M_INVALID_PARAM", "ignored_users keys must be user IDs.")
+        if user_id == own_user_id:
+            return PutRejection("M_INVALID_PARAM", "You cannot ignore yourself.")
+    return frozenset(ignored)
+
+
+def account_data_path(user_id: str) -> str:
+    return f"/_matrix/client/v3/user/{quote(user_id, safe='')}/account_data/{IGNORED_USER_LIST}"
+
+
+@dataclass(frozen=True, slots=True)
+class _Entry:
+    ignored: frozenset[str]
+    fresh_until: float
+
+
+class _Load:
+    """One upstream read shared by every concurrent caller for the same user."""
+
+    __slots__ = ("stale", "task")
+    task: asyncio.Task[None]
+
+    def __init__(self) -> None:
+        self.stale = False  # set() or forget() happened since it started: do not store
+
+
+class _LoadFailed(Exception):
+    def __init__(self, status: int | None) -> None:
+        self.status = status
+
+
+class IgnoreListStore:
+    """The last known ignore list of each user (not of each token), read on demand.
+
+    A list is re-read when older than ``ttl``. When a read fails, the last known list is
+    kept (even if stale) and retried after ``retry_after`` seconds; without one,
+    ``ensure_fresh`` raises ``IgnoreListUnavailable``. At most ``max_users`` lists are kept
+    (least recently used go first). The store trusts the user ID its callers pass.
+    """
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        ttl: float,
+        max_users: int,
+        retry_after: float = 5.0,
+        timer: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._client = client
+        self._ttl = ttl
+        self._retry_after = min(retry_after, ttl)
+        self._timer = timer
+        self._entries: LRUCache[str, _Entry] = LRUCache(max_users)
+        self._loads: dict[str, _Load] = {}
+        self.loads = 0  # upstream account-data reads
+        self.failures = 0  # reads that failed (5xx, timeout, connection, 401/403, bad body)
+
+    async def ensure_fresh(self, user_id: str, creds: Credentials) -> None:
+        entry = self._entries.get(user_id)
+        if entry is not None and self._timer() < entry.fresh_until:
+            return
+        load = self._loads.get(user_id)
+        if load is None:
+            load = _Load()
+            load.task = asyncio.get_running_loop().create_task(self._load(user_id, creds, load))
+            load.task.add_done_callback(_retrieve)
+            self._loads[user_id] = load
+        try:
+            # shield: a cancelled caller must not cancel the read the others wait for
+            await asyncio.shield(load.task)
+        except _LoadFailed as exc:
+            if user_id not in self._entries:  # neither a last known list nor a set() since
+                raise IgnoreListUnavailable(exc.status) from None
+
+    def current(self, user_id: str) -> frozenset[str]:
+        entry = self._entries.get(user_id)
+        return entry.ignored if entry is not None else frozenset()
+
+    def set(self, user_id: str, ignored: frozenset[str]) -> None:
+        """Record a list known to be current (a PUT through the proxy, or seen in /sync)."""
+        self._supersede(user_id)
+        self._entries[user_id] = _Entry(ignored - {user_id}, self._timer() + self._ttl)
+
+    def forget(self, user_id: str) -> None:
+        self._supersede(user_id)
+        self._entries.pop(user_id, None)
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def _supersede(self, user_id: str) -> None:
+        load = self._loads.pop(user_id, None)
+        if load is not None:
+            load.stale = True
+
+    async def _load(self, user_id: str, creds: Credentials, load: _Load) -> None:
+        try:
+            ignored = await self._read(user_id, creds)
+        except _LoadFailed:
+            self.failures += 1
+            entry = self._entries.get(user_id)
+            if entry is not None and not load.stale:  # keep it, but do not retry at once
+                self._entries[user_id] = _Entry(entry.ignored, self._timer() + self._retry_after)
+            raise
+        finally:
+            if self._loads.get(user_id) is load:
+                del self._loads[user_id]
+        if not load.stale:
+            self._entries[user_id] = _Entry(ignored - {user_id}, self._timer() + self._ttl)
+
+    async def _read(self, user_id: str, creds: Credentials) -> frozenset[str]:
+        self.loads += 1
+        params = {"user_id": creds.as_user_id} if creds.as_user_id is not None else {}
+        try:
+            response = await self._client.get(
+                account_data_path(user_id), headers=creds.auth_headers(), params=params
+            )
+        except httpx.HTTPError as exc:
+            log.warning("reading an ignore list failed: %s", type(exc).__name__)
+            raise _LoadFailed(None) from None
+        if response.status_code == 404:
+            return frozenset()
+        if response.status_code == 200:
+            try:
+                return parse_ignored_users(msgspec.json.decode(response.content))
+            except msgspec.DecodeError:
+                pass
+        log.warning("reading an ignore list failed: upstream status %d", response.status_code)
+        raise _LoadFailed(response.status_code)
+
+
+def _retrieve(task: asyncio.Task[None]) -> None:
+    if not task.cancelled():
+        task.exception()  # retrieved: no "never retrieved" noise when nobody waits
