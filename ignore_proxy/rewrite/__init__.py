@@ -1,0 +1,61 @@
+"""Pure rewriters of homeserver responses: from raw JSON bytes and an IgnoreContext to a
+new body with ignored users' events removed, or None when nothing needs to change.
+
+No I/O. Only the outer levels and each event's head are decoded; everything that is not
+changed is spliced back byte for byte.
+"""
+
+from __future__ import annotations
+
+from .account_data import (
+    ignored_users_from_content,
+    ignored_users_from_sliding_sync,
+    ignored_users_from_sync,
+)
+from .errors import SENDER_IGNORED_CODES, UpstreamSenderIgnored, normalise_sender_ignored
+from .notifications import rewrite_notifications
+from .rooms import (
+    rewrite_context,
+    rewrite_events_stream,
+    rewrite_initial_sync,
+    rewrite_messages,
+    rewrite_relations,
+    rewrite_room_initial_sync,
+    rewrite_single_event,
+    rewrite_threads,
+)
+from .scan import mentions_any
+from .search import rewrite_search
+from .sliding import rewrite_sliding_sync
+from .sync import rewrite_sync
+from .types import IgnoreContext, InvalidBody, Rewriter, Rewritten, SenderIgnored
+from .versions import MSC4406_FEATURE, add_msc4406_feature
+
+__all__ = [
+    "MSC4406_FEATURE",
+    "SENDER_IGNORED_CODES",
+    "IgnoreContext",
+    "InvalidBody",
+    "Rewriter",
+    "Rewritten",
+    "SenderIgnored",
+    "UpstreamSenderIgnored",
+    "add_msc4406_feature",
+    "ignored_users_from_content",
+    "ignored_users_from_sliding_sync",
+    "ignored_users_from_sync",
+    "mentions_any",
+    "normalise_sender_ignored",
+    "rewrite_context",
+    "rewrite_events_stream",
+    "rewrite_initial_sync",
+    "rewrite_messages",
+    "rewrite_notifications",
+    "rewrite_relations",
+    "rewrite_room_initial_sync",
+    "rewrite_search",
+    "rewrite_single_event",
+    "rewrite_sliding_sync",
+    "rewrite_sync",
+    "rewrite_threads",
+]

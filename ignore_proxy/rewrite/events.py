@@ -1,0 +1,434 @@
+"""Events: their heads, the state test, the ignore test, invites, bundled aggregations,
+ephemeral events and the redaction algorithm.
+
+All functions take and return ``msgspec.Raw``; ``None`` means "unchanged, keep the
+input bytes". Only what a decision needs is ever decoded.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Final
+
+import msgspec
+
+from .raw import (
+    EMPTY,
+    Raw,
+    as_bytes,
+    decode_value,
+    encode_array,
+    encode_object,
+    split_array,
+    split_object,
+)
+from .scan import mentions_for
+from .types import IgnoreContext
+
+__all__ = [
+    "DROP",
+    "Head",
+    "Run",
+    "filter_events",
+    "filter_receipt_content",
+    "fix_event",
+    "head_of",
+    "is_invite_for",
+    "redact_event",
+]
+
+DROP: Final = Raw(b"null")
+"""Returned (by identity) by functions whose input must be removed altogether."""
+
+
+class Head(msgspec.Struct):
+    """The few members of an event the rewriters look at."""
+
+    sender: str | None = None
+    type: str | None = None
+    state_key: Raw = EMPTY
+    """Raw bytes of ``state_key``; empty when the event has none (not a state event)."""
+    unsigned: Raw = EMPTY
+    content: Raw = EMPTY
+
+    @property
+    def is_state(self) -> bool:
+        return len(self.state_key) > 0
+
+
+class _Member(msgspec.Struct):
+    membership: Any = None
+
+
+_head_decoder = msgspec.json.Decoder(Head)
+_member_decoder = msgspec.json.Decoder(_Member)
+_str_decoder = msgspec.json.Decoder(str)
+
+
+def _string(raw: Raw) -> str | None:
+    try:
+        return _str_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError):
+        value = decode_value(raw)
+        return value if isinstance(value, str) else None
+
+
+def head_of(raw: Raw | bytes) -> Head | None:
+    """The head of an event; None if ``raw`` is not a JSON object.
+
+    Events msgspec rejects (lone surrogates anywhere, or a member of an unexpected type)
+    are split with the stdlib fallback and their members decoded one by one.
+    """
+    try:
+        return _head_decoder.decode(raw)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        pass
+    parts = split_object(raw)
+    if parts is None:
+        return None
+    sender = parts.get("sender")
+    type_ = parts.get("type")
+    return Head(
+        sender=None if sender is None else _string(sender),
+        type=None if type_ is None else _string(type_),
+        state_key=parts.get("state_key", EMPTY),
+        unsigned=parts.get("unsigned", EMPTY),
+        content=parts.get("content", EMPTY),
+    )
+
+
+def _membership(content: Raw) -> Any:
+    if not len(content):
+        return None
+    try:
+        return _member_decoder.decode(content).membership
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        value = decode_value(content)
+        return value.get("membership") if isinstance(value, dict) else None
+
+
+def is_invite_for(head: Head, user_id: str) -> bool:
+    """Is this the ``m.room.member`` event inviting ``user_id``?"""
+    return (
+        head.type == "m.room.member"
+        and head.is_state
+        and _string(head.state_key) == user_id
+        and _membership(head.content) == "invite"
+    )
+
+
+class Run:
+    """Per-call state: the context, what may be present in the body, what was removed."""
+
+    __slots__ = ("_mentions", "ctx", "ignored", "removed")
+
+    def __init__(self, ctx: IgnoreContext, body: bytes) -> None:
+        self.ctx = ctx
+        self.ignored = ctx.ignored
+        self.removed = 0
+        present = mentions_for(ctx.ignored).present(body, ctx.ignored) if ctx.ignored else None
+        self._mentions = mentions_for(present) if present else None
+
+    @property
+    def anything(self) -> bool:
+        """False if the body certainly mentions no ignored user (nothing to do)."""
+        return self._mentions is not None
+
+    def relevant(self, raw: Raw | bytes) -> bool:
+        """False if this part of the body certainly mentions no ignored user."""
+        return self._mentions is not None and self._mentions.in_bytes(as_bytes(raw))
+
+    def hides(self, head: Head) -> bool:
+        """Is this an ignored sender's non-state event?"""
+        return head.sender is not None and head.sender in self.ignored and not head.is_state
+
+
+# --- bundled aggregations -------------------------------------------------------------
+
+
+def _thread_is_hidden(thread: Raw, run: Run) -> bool:
+    parts = split_object(thread)
+    if parts is None:
+        return False
+    latest = parts.get("latest_event")
+    if latest is None:
+        return False
+    head = head_of(latest)
+    return head is not None and run.hides(head)
+
+
+def fix_unsigned(unsigned: Raw, run: Run) -> Raw | None:
+    """Remove ``m.relations.m.thread`` if its ``latest_event`` is hidden.
+
+    The proxy cannot find the previous un-ignored reply without I/O, so the whole
+    thread summary goes (and ``m.relations`` if it becomes empty).
+    """
+    if not len(unsigned) or not run.relevant(unsigned):
+        return None
+    members = split_object(unsigned)
+    if members is None or "m.relations" not in members:
+        return None
+    relations = split_object(members["m.relations"])
+    if relations is None or "m.thread" not in relations:
+        return None
+    if not _thread_is_hidden(relations["m.thread"], run):
+        return None
+    del relations["m.thread"]
+    run.removed += 1
+    if relations:
+        members["m.relations"] = encode_object(relations)
+    else:
+        del members["m.relations"]
+    return encode_object(members)
+
+
+def fix_event(raw: Raw, head: Head, run: Run) -> Raw | None:
+    """A kept event with its bundled aggregations fixed; None if unchanged."""
+    unsigned = fix_unsigned(head.unsigned, run)
+    if unsigned is None:
+        return None
+    members = split_object(raw)
+    if members is None:  # pragma: no cover - head_of succeeded, so it is an object
+        return None
+    members["unsigned"] = unsigned
+    return encode_object(members)
+
+
+# --- ephemeral events -----------------------------------------------------------------
+
+
+def filter_typing(raw: Raw, run: Run) -> Raw | None:
+    """An ``m.typing`` event without ignored users in ``content.user_ids``."""
+    members = split_object(raw)
+    if members is None or "content" not in members:
+        return None
+    content = split_object(members["content"])
+    if content is None or "user_ids" not in content:
+        return None
+    user_ids = split_array(content["user_ids"])
+    if user_ids is None:
+        return None
+    kept = [uid for uid in user_ids if _string(uid) not in run.ignored]
+    if len(kept) == len(user_ids):
+        return None
+    run.removed += len(user_ids) - len(kept)
+    content["user_ids"] = encode_array(kept)
+    members["content"] = encode_object(content)
+    return encode_object(members)
+
+
+def filter_receipt_content(raw: Raw, run: Run) -> Raw | None:
+    """``{eventId: {receiptType: {userId: ...}}}`` without ignored users.
+
+    Containers that become empty are dropped; DROP if nothing is left at all.
+    """
+    by_event = split_object(raw)
+    if by_event is None:
+        return None
+    changed = False
+    for event_id, types_raw in list(by_event.items()):
+        if not run.relevant(types_raw):
+            continue
+        by_type = split_object(types_raw)
+        if by_type is None:
+            continue
+        types_changed = False
+        for receipt_type, users_raw in list(by_type.items()):
+            users = split_object(users_raw)
+            if users is None:
+                continue
+            hidden = [uid for uid in users if uid in run.ignored]
+            if not hidden:
+                continue
+            for uid in hidden:
+                del users[uid]
+            run.removed += len(hidden)
+            types_changed = True
+            if users:
+                by_type[receipt_type] = encode_object(users)
+            else:
+                del by_type[receipt_type]
+        if types_changed:
+            changed = True
+            if by_type:
+                by_event[event_id] = encode_object(by_type)
+            else:
+                del by_event[event_id]
+    if not changed:
+        return None
+    return encode_object(by_event) if by_event else DROP
+
+
+def filter_receipt(raw: Raw, run: Run) -> Raw | None:
+    """An ``m.receipt`` event without ignored users; DROP if its content becomes empty."""
+    members = split_object(raw)
+    if members is None or "content" not in members:
+        return None
+    content = filter_receipt_content(members["content"], run)
+    if content is None or content is DROP:
+        return content
+    members["content"] = content
+    return encode_object(members)
+
+
+def filter_ephemeral(raw: Raw, head: Head, run: Run) -> Raw | None:
+    if head.type == "m.typing":
+        return filter_typing(raw, run)
+    if head.type == "m.receipt":
+        return filter_receipt(raw, run)
+    return None
+
+
+# --- lists of events ------------------------------------------------------------------
+
+
+def filter_events(
+    raw: Raw,
+    run: Run,
+    *,
+    invites: bool = False,
+    ephemeral: bool = False,
+    keep_all: bool = False,
+) -> Raw | None:
+    """A JSON array of events without ignored senders' non-state events.
+
+    ``invites``: also drop ``m.room.member`` invites of the requesting user sent by an
+    ignored user. ``ephemeral``: filter sender-less ``m.typing`` / ``m.receipt`` events
+    (when the context asks for it). ``keep_all``: remove nothing (state lists), only fix
+    bundled aggregations. Anything that is not an array, or items that are not objects,
+    are left untouched. None if nothing changed.
+    """
+    if not run.relevant(raw):
+        return None
+    items = split_array(raw)
+    if items is None:
+        return None
+    out: list[Raw] = []
+    changed = False
+    ephemeral = ephemeral and run.ctx.filter_ephemeral
+    for item in items:
+        if not run.relevant(item):
+            out.append(item)
+            continue
+        head = head_of(item)
+        if head is None:
+            out.append(item)
+            continue
+        if not keep_all and (
+            run.hides(head)
+            or (invites and head.sender in run.ignored and is_invite_for(head, run.ctx.user_id))
+        ):
+            run.removed += 1
+            changed = True
+            continue
+        if ephemeral and head.sender is None:
+            new = filter_ephemeral(item, head, run)
+        else:
+            new = fix_event(item, head, run)
+        if new is None:
+            out.append(item)
+        else:
+            changed = True
+            if new is not DROP:
+                out.append(new)
+    return encode_array(out) if changed else None
+
+
+def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:
+    """How many of the last ``tail`` events of an array ``filter_events`` would remove."""
+    items = split_array(raw)
+    if items is None or tail <= 0:
+        return 0
+    count = 0
+    for item in items[-tail:]:
+        head = head_of(item) if run.relevant(item) else None
+        if head is not None and run.hides(head):
+            count += 1
+    return count
+
+
+# --- redaction (room versions 11 and later) ---------------------------------------------
+
+_KEEP_TOP: Final = frozenset(
+    {
+        "event_id",
+        "type",
+        "room_id",
+        "sender",
+        "state_key",
+        "hashes",
+        "signatures",
+        "depth",
+        "prev_events",
+        "auth_events",
+        "origin_server_ts",
+    }
+)
+_KEEP_CONTENT: Final[dict[str, frozenset[str]]] = {
+    "m.room.member": frozenset({"membership", "join_authorised_via_users_server"}),
+    "m.room.join_rules": frozenset({"join_rule", "allow"}),
+    "m.room.power_levels": frozenset(
+        {
+            "ban",
+            "events",
+            "events_default",
+            "invite",
+            "kick",
+            "redact",
+            "state_default",
+            "users",
+            "users_default",
+        }
+    ),
+    "m.room.history_visibility": frozenset({"history_visibility"}),
+    "m.room.redaction": frozenset({"redacts"}),
+}
+
+
+def _redact_content(content: Raw, type_: str | None) -> Raw:
+    if type_ == "m.room.create":
+        return content
+    members = split_object(content)
+    if members is None:
+        return Raw(b"{}")
+    keep = _KEEP_CONTENT.get(type_ or "", frozenset())
+    out = {k: v for k, v in members.items() if k in keep}
+    if type_ == "m.room.member" and "third_party_invite" in members:
+        invite = split_object(members["third_party_invite"])
+        if invite is not None and "signed" in invite:
+            out["third_party_invite"] = encode_object({"signed": invite["signed"]})
+    return encode_object(out)
+
+
+def redact_event(raw: Raw, head: Head, run: Run) -> Raw:
+    """The event as the redaction algorithm leaves it, keeping only the thread summary
+    in ``unsigned`` (without it, if its latest reply is hidden too)."""
+    members = split_object(raw)
+    if members is None:  # pragma: no cover - head_of succeeded, so it is an object
+        return raw
+    out: dict[str, Raw] = {}
+    for key, value in members.items():
+        if key in _KEEP_TOP:
+            out[key] = value
+        elif key == "content":
+            out[key] = _redact_content(value, head.type)
+    if "content" not in out:
+        out["content"] = Raw(b"{}")
+    thread = _thread_summary(head.unsigned)
+    if thread is not None:
+        if _thread_is_hidden(thread, run):
+            run.removed += 1
+        else:
+            out["unsigned"] = encode_object({"m.relations": encode_object({"m.thread": thread})})
+    return encode_object(out)
+
+
+def _thread_summary(unsigned: Raw) -> Raw | None:
+    if not len(unsigned):
+        return None
+    members = split_object(unsigned)
+    if members is None or "m.relations" not in members:
+        return None
+    relations = split_object(members["m.relations"])
+    if relations is None:
+        return None
+    return relations.get("m.thread")

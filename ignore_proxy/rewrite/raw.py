@@ -1,0 +1,165 @@
+"""Splitting JSON into one level of untouched ``msgspec.Raw`` values, and joining it back.
+
+msgspec decodes only the level asked for and hands out the bytes of everything below it
+as ``msgspec.Raw`` (slices of the input, no copies, no object graph for the collector).
+Encoding a ``dict[str, Raw]`` / ``list[Raw]`` splices those bytes back verbatim.
+
+msgspec rejects lone surrogate escapes (``"\\ud800"``) anywhere in a document, even inside
+a value it would only skip. Such documents are valid JSON for stdlib ``json`` (and for
+homeservers written in Python), so each level falls back to a slower splitter built on
+the stdlib scanner, which also yields exact byte slices of its input.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+import msgspec
+
+__all__ = [
+    "EMPTY",
+    "as_bytes",
+    "decode_value",
+    "encode_array",
+    "encode_object",
+    "split_array",
+    "split_object",
+    "top_object",
+]
+
+Raw = msgspec.Raw
+EMPTY = Raw()
+
+_obj_decoder = msgspec.json.Decoder(dict[str, Raw])
+_arr_decoder = msgspec.json.Decoder(list[Raw])
+_any_decoder = msgspec.json.Decoder()
+_encoder = msgspec.json.Encoder()
+_stdlib = json.JSONDecoder()
+_WS = " \t\n\r"
+
+
+def as_bytes(raw: Raw | bytes) -> bytes:
+    return raw if isinstance(raw, bytes) else bytes(memoryview(raw))
+
+
+def _first_byte(data: Raw | bytes) -> int:
+    """The first non-whitespace byte of a JSON value, or -1."""
+    view = memoryview(data)
+    for b in view:
+        if b not in b" \t\n\r":
+            return b
+    return -1
+
+
+def _stdlib_valid(data: Raw | bytes) -> str | None:
+    """The document as text if stdlib json accepts it, else None."""
+    try:
+        text = as_bytes(data).decode("utf-8", "surrogateescape")
+        json.loads(text)
+    except (ValueError, RecursionError):
+        return None
+    return text
+
+
+def _skip_ws(text: str, i: int) -> int:
+    n = len(text)
+    while i < n and text[i] in _WS:
+        i += 1
+    return i
+
+
+def _slow_split_object(text: str) -> dict[str, Raw]:
+    """Split a stdlib-valid JSON object text into its members (last duplicate wins)."""
+    out: dict[str, Raw] = {}
+    i = _skip_ws(text, 0) + 1  # past "{"
+    i = _skip_ws(text, i)
+    if text[i] == "}":
+        return out
+    while True:
+        key, i = json.decoder.scanstring(text, i + 1)  # type: ignore[attr-defined]
+        i = _skip_ws(text, i) + 1  # past ":"
+        i = _skip_ws(text, i)
+        _, end = _stdlib.raw_decode(text, i)
+        out[key] = Raw(text[i:end].encode("utf-8", "surrogateescape"))
+        i = _skip_ws(text, end)
+        if text[i] == "}":
+            return out
+        i = _skip_ws(text, i + 1)  # past ","
+
+
+def _slow_split_array(text: str) -> list[Raw]:
+    out: list[Raw] = []
+    i = _skip_ws(text, 0) + 1  # past "["
+    i = _skip_ws(text, i)
+    if text[i] == "]":
+        return out
+    while True:
+        _, end = _stdlib.raw_decode(text, i)
+        out.append(Raw(text[i:end].encode("utf-8", "surrogateescape")))
+        i = _skip_ws(text, end)
+        if text[i] == "]":
+            return out
+        i = _skip_ws(text, i + 1)
+
+
+def split_object(data: Raw | bytes) -> dict[str, Raw] | None:
+    """The members of a JSON object as raw values; None if ``data`` is not an object."""
+    try:
+        return _obj_decoder.decode(data)
+    except msgspec.ValidationError:
+        return None
+    except (msgspec.DecodeError, RecursionError):
+        if _first_byte(data) != ord("{"):
+            return None
+        text = _stdlib_valid(data)
+        return None if text is None else _slow_split_object(text)
+
+
+def split_array(data: Raw | bytes) -> list[Raw] | None:
+    """The items of a JSON array as raw values; None if ``data`` is not an array."""
+    try:
+        return _arr_decoder.decode(data)
+    except msgspec.ValidationError:
+        return None
+    except (msgspec.DecodeError, RecursionError):
+        if _first_byte(data) != ord("["):
+            return None
+        text = _stdlib_valid(data)
+        return None if text is None else _slow_split_array(text)
+
+
+def top_object(body: bytes) -> dict[str, Raw]:
+    """Split a response body that must be a JSON object; raise InvalidBody otherwise."""
+    from .types import InvalidBody
+
+    try:
+        return _obj_decoder.decode(body)
+    except msgspec.ValidationError:
+        raise InvalidBody("the top level of the body is not a JSON object") from None
+    except (msgspec.DecodeError, RecursionError):
+        text = _stdlib_valid(body)
+        if text is None:
+            raise InvalidBody("the body is not valid JSON") from None
+        if _first_byte(body) != ord("{"):
+            raise InvalidBody("the top level of the body is not a JSON object") from None
+        return _slow_split_object(text)
+
+
+def decode_value(data: Raw | bytes) -> Any:
+    """Fully decode one (small) raw value; stdlib fallback for what msgspec rejects."""
+    try:
+        return _any_decoder.decode(data)
+    except (msgspec.DecodeError, RecursionError):
+        text = _stdlib_valid(data)
+        if text is None:
+            return None
+        return json.loads(text)
+
+
+def encode_object(members: dict[str, Raw]) -> Raw:
+    return Raw(_encoder.encode(members))
+
+
+def encode_array(items: list[Raw]) -> Raw:
+    return Raw(_encoder.encode(items))

@@ -1,0 +1,221 @@
+"""Room history endpoints: ``/messages``, ``/context``, single events, ``/relations``,
+``/threads``, the legacy ``/events`` stream and both ``/initialSync``."""
+
+from __future__ import annotations
+
+from .events import Run, filter_events, fix_event, head_of, is_invite_for, redact_event
+from .raw import (
+    Raw,
+    decode_value,
+    encode_array,
+    encode_object,
+    split_array,
+    split_object,
+    top_object,
+)
+from .types import IgnoreContext, Rewritten, SenderIgnored
+from .walk import edit, edit_in, finish, start
+
+__all__ = [
+    "rewrite_context",
+    "rewrite_events_stream",
+    "rewrite_initial_sync",
+    "rewrite_messages",
+    "rewrite_relations",
+    "rewrite_room_initial_sync",
+    "rewrite_single_event",
+    "rewrite_threads",
+]
+
+
+def _rewrite_lists(
+    body: bytes, ctx: IgnoreContext, filtered: tuple[str, ...], state: tuple[str, ...] = ()
+) -> Rewritten | None:
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    changed = False
+    for key in filtered:
+        changed |= edit(top, key, lambda raw: filter_events(raw, run))
+    for key in state:
+        changed |= edit(top, key, lambda raw: filter_events(raw, run, keep_all=True))
+    return finish(top, run, changed)
+
+
+def rewrite_messages(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``GET /rooms/{roomId}/messages``: filter ``chunk``; ``state``, ``start``, ``end`` kept."""
+    return _rewrite_lists(body, ctx, ("chunk",), ("state",))
+
+
+def rewrite_relations(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``GET /rooms/{roomId}/relations/{eventId}...``: filter ``chunk``; tokens and
+    ``recursion_depth`` kept. (Whether the parent is hidden needs I/O: not done here.)"""
+    return _rewrite_lists(body, ctx, ("chunk",))
+
+
+def rewrite_context(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``GET /rooms/{roomId}/context/{eventId}``.
+
+    SenderIgnored if ``event`` is an ignored sender's non-state event; else filter
+    ``events_before`` and ``events_after``; ``state``, ``start``, ``end`` kept.
+    """
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    changed = False
+    event = top.get("event")
+    if event is not None and run.relevant(event):
+        head = head_of(event)
+        if head is not None:
+            if run.hides(head):
+                assert head.sender is not None
+                raise SenderIgnored(head.sender)
+            changed |= edit(top, "event", lambda raw: fix_event(raw, head, run))
+    for key in ("events_before", "events_after"):
+        changed |= edit(top, key, lambda raw: filter_events(raw, run))
+    changed |= edit(top, "state", lambda raw: filter_events(raw, run, keep_all=True))
+    return finish(top, run, changed)
+
+
+def rewrite_single_event(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``GET /rooms/{roomId}/event/{eventId}``, ``GET /events/{eventId}``: the body is the
+    event. SenderIgnored if it is an ignored sender's non-state event."""
+    top = top_object(body)
+    run = Run(ctx, body)
+    if not run.anything:
+        return None
+    head = head_of(body)
+    if head is None:  # pragma: no cover - top_object accepted an object
+        return None
+    if run.hides(head):
+        assert head.sender is not None
+        raise SenderIgnored(head.sender)
+    new = fix_event(Raw(body), head, run)
+    if new is None:
+        return None
+    del top
+    return Rewritten(bytes(memoryview(new)), run.removed)
+
+
+def _threads_chunk(raw: Raw, run: Run) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    items = split_array(raw)
+    if items is None:
+        return None
+    changed = False
+    out: list[Raw] = []
+    for item in items:
+        head = head_of(item) if run.relevant(item) else None
+        new: Raw | None = None
+        if head is not None:
+            if run.hides(head):
+                run.removed += 1
+                new = redact_event(item, head, run)
+            else:
+                new = fix_event(item, head, run)
+        if new is None:
+            out.append(item)
+        else:
+            out.append(new)
+            changed = True
+    return encode_array(out) if changed else None
+
+
+def rewrite_threads(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``GET /rooms/{roomId}/threads``: roots by ignored senders come back redacted
+    (room version 11 rules), keeping only the thread summary in ``unsigned``."""
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    changed = edit(top, "chunk", lambda raw: _threads_chunk(raw, run))
+    return finish(top, run, changed)
+
+
+def rewrite_events_stream(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """Legacy ``GET /events``: filter ``chunk``, including invites by ignored users and
+    (if ``ctx.filter_ephemeral``) ignored users' typing and receipts."""
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    changed = edit(top, "chunk", lambda raw: filter_events(raw, run, invites=True, ephemeral=True))
+    return finish(top, run, changed)
+
+
+def _messages_and_state(room: dict[str, Raw], run: Run) -> bool:
+    changed = edit(
+        room, "messages", lambda raw: edit_in(raw, "chunk", lambda c: filter_events(c, run))
+    )
+    changed |= edit(room, "state", lambda raw: filter_events(raw, run, keep_all=True))
+    return changed
+
+
+def rewrite_room_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``GET /rooms/{roomId}/initialSync``: filter ``messages.chunk``; ``state`` kept."""
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    return finish(top, run, _messages_and_state(top, run))
+
+
+def _invited_by_ignored(room: dict[str, Raw], run: Run) -> bool:
+    membership = room.get("membership")
+    if membership is None or decode_value(membership) != "invite":
+        return False
+    inviter = room.get("inviter")
+    if inviter is not None:
+        value = decode_value(inviter)
+        if isinstance(value, str) and value in run.ignored:
+            return True
+    candidates: list[Raw] = []
+    if "invite" in room:
+        candidates.append(room["invite"])
+    if "state" in room:
+        candidates.extend(split_array(room["state"]) or ())
+    for item in candidates:
+        head = head_of(item) if run.relevant(item) else None
+        if head is not None and head.sender in run.ignored and is_invite_for(head, run.ctx.user_id):
+            return True
+    return False
+
+
+def _initial_sync_rooms(raw: Raw, run: Run) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    items = split_array(raw)
+    if items is None:
+        return None
+    changed = False
+    out: list[Raw] = []
+    for item in items:
+        room = split_object(item) if run.relevant(item) else None
+        if room is None:
+            out.append(item)
+            continue
+        if _invited_by_ignored(room, run):
+            run.removed += 1
+            changed = True
+            continue
+        if _messages_and_state(room, run):
+            out.append(encode_object(room))
+            changed = True
+        else:
+            out.append(item)
+    return encode_array(out) if changed else None
+
+
+def rewrite_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """Legacy ``GET /initialSync``: in ``rooms[]`` filter ``messages.chunk`` (``state``
+    kept) and drop rooms the user was invited to by an ignored user (``inviter``, the
+    ``invite`` event or the invite in ``state``). ``presence``, ``account_data`` untouched."""
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    changed = edit(top, "rooms", lambda raw: _initial_sync_rooms(raw, run))
+    return finish(top, run, changed)

@@ -1,0 +1,120 @@
+"""A byte search that decides a body certainly mentions none of some user IDs.
+
+A user ID can reach a JSON body in many spellings: the minimal one (what
+``msgspec.json.encode`` writes: raw UTF-8, ``\\"``, ``\\\\``, short escapes for control
+characters), or with any character written as ``\\uXXXX`` (hex digits in any case,
+characters outside the BMP as surrogate pairs), ``/`` as ``\\/``, and so on.
+
+Every spelling other than the minimal one contains at least one escape sequence that
+decodes to a character of the ID. So: the body cannot contain the ID if it contains
+neither the minimal spelling nor any escape sequence decoding to one of the ID's
+characters. That is a little sharper than "any ``\\u`` at all means maybe", which
+matters because Synapse writes every non-ASCII character as ``\\uXXXX``: with that
+rule no real body would ever skip the parse. The escape search ignores backslash
+parity (``\\\\u0040`` is a backslash and the text ``u0040``), which can only make
+the answer a conservative True.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Iterable
+from functools import lru_cache
+
+import msgspec
+
+__all__ = ["Mentions", "mentions_any"]
+
+_SHORT_ESCAPES = {
+    '"': '"',
+    "\\": "\\",
+    "/": "/",
+    "\b": "b",
+    "\f": "f",
+    "\n": "n",
+    "\r": "r",
+    "\t": "t",
+}
+
+
+def _hex_pattern(code: int) -> str:
+    digits = f"{code:04x}"
+    return "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in digits)
+
+
+def _escape_alternatives(chars: Iterable[str]) -> list[str]:
+    alts: set[str] = set()
+    for ch in chars:
+        code = ord(ch)
+        if code > 0xFFFF:
+            code -= 0x10000
+            alts.add(_hex_pattern(0xD800 + (code >> 10)))
+            alts.add(_hex_pattern(0xDC00 + (code & 0x3FF)))
+        else:
+            alts.add(_hex_pattern(code))
+    out = [r"\\u(?:" + "|".join(sorted(alts)) + ")"] if alts else []
+    shorts = sorted(re.escape(_SHORT_ESCAPES[ch]) for ch in set(chars) if ch in _SHORT_ESCAPES)
+    if shorts:
+        out.append(r"\\(?:" + "|".join(shorts) + ")")
+    return out
+
+
+class Mentions:
+    """A compiled search for a set of user IDs (cache one per ignore list)."""
+
+    __slots__ = ("_escapes", "_needles", "always")
+
+    def __init__(self, user_ids: Iterable[str]) -> None:
+        ids = sorted(set(user_ids))
+        needles: list[bytes] = []
+        self.always = False
+        for uid in ids:
+            try:
+                needles.append(msgspec.json.encode(uid)[1:-1])
+            except (UnicodeEncodeError, msgspec.EncodeError):
+                # A lone surrogate in a Python string cannot be searched for as bytes.
+                self.always = True
+        self._needles = tuple(needles)
+        chars = {ch for uid in ids for ch in uid}
+        alternatives = _escape_alternatives(chars)
+        self._escapes = re.compile("|".join(alternatives).encode("ascii")) if alternatives else None
+
+    def in_bytes(self, data: bytes) -> bool:
+        """True unless ``data`` certainly contains none of the IDs."""
+        if self.always:
+            return True
+        for needle in self._needles:
+            if needle in data:
+                return True
+        return (
+            self._escapes is not None and b"\\" in data and self._escapes.search(data) is not None
+        )
+
+    def escapes_in(self, data: bytes) -> bool:
+        """True if ``data`` has an escape sequence that could spell part of an ID."""
+        return self.always or (
+            self._escapes is not None and b"\\" in data and self._escapes.search(data) is not None
+        )
+
+    def present(self, data: bytes, user_ids: frozenset[str]) -> frozenset[str]:
+        """Those of ``user_ids`` (the IDs this was built for) that may occur in ``data``."""
+        if self.escapes_in(data):
+            return user_ids
+        return frozenset(
+            uid
+            for uid, needle in zip(sorted(user_ids), self._needles, strict=True)
+            if needle in data
+        )
+
+
+@lru_cache(maxsize=256)
+def mentions_for(user_ids: frozenset[str]) -> Mentions:
+    return Mentions(user_ids)
+
+
+def mentions_any(body: bytes, user_ids: Iterable[str]) -> bool:
+    """False only if ``body`` certainly contains none of ``user_ids`` (in any JSON spelling)."""
+    ids = user_ids if isinstance(user_ids, frozenset) else frozenset(user_ids)
+    if not ids:
+        return False
+    return mentions_for(ids).in_bytes(body)

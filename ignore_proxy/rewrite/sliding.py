@@ -1,0 +1,128 @@
+"""Sliding sync (MSC4186, ``POST /_matrix/client/unstable/org.matrix.simplified_msc3575/sync``)."""
+
+from __future__ import annotations
+
+from .events import DROP, Run, count_hidden_tail, filter_events, filter_receipt, filter_typing
+from .raw import Raw, decode_value, encode_object, split_object
+from .sync import invite_is_hidden
+from .types import IgnoreContext, Rewritten
+from .walk import edit, edit_in, finish, start
+
+__all__ = ["rewrite_sliding_sync"]
+
+_INVITE_KEYS = ("invite_state", "stripped_state")
+
+
+def _room(raw: Raw, run: Run) -> Raw | None:
+    room = split_object(raw)
+    if room is None:
+        return None
+    changed = False
+    timeline = room.get("timeline")
+    if timeline is not None:
+        num_live = room.get("num_live")
+        live = decode_value(num_live) if num_live is not None else None
+        hidden_live = (
+            count_hidden_tail(timeline, run, live)
+            if isinstance(live, int) and not isinstance(live, bool) and live > 0
+            else 0
+        )
+        new = filter_events(timeline, run)
+        if new is not None:
+            room["timeline"] = new
+            changed = True
+            if hidden_live and isinstance(live, int):
+                room["num_live"] = Raw(str(live - hidden_live).encode())
+    changed |= edit(room, "required_state", lambda s: filter_events(s, run, keep_all=True))
+    return encode_object(room) if changed else None
+
+
+def _invite_hidden(raw: Raw, run: Run) -> bool:
+    room = split_object(raw)
+    if room is None:
+        return False
+    return any(key in room and invite_is_hidden(room[key], run) for key in _INVITE_KEYS)
+
+
+def _rooms(raw: Raw, run: Run) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    rooms = split_object(raw)
+    if rooms is None:
+        return None
+    changed = False
+    for room_id, room_raw in list(rooms.items()):
+        if not run.relevant(room_raw):
+            continue
+        if _invite_hidden(room_raw, run):
+            del rooms[room_id]
+            run.removed += 1
+            changed = True
+            continue
+        new = _room(room_raw, run)
+        if new is not None:
+            rooms[room_id] = new
+            changed = True
+    return encode_object(rooms) if changed else None
+
+
+def _ephemeral_rooms(raw: Raw, run: Run, typing: bool) -> Raw | None:
+    """``{roomId: event}`` of typing or receipt events; a receipt event left empty is
+    removed with its room key."""
+    if not run.relevant(raw):
+        return None
+    rooms = split_object(raw)
+    if rooms is None:
+        return None
+    changed = False
+    for room_id, event in list(rooms.items()):
+        if not run.relevant(event):
+            continue
+        new = filter_typing(event, run) if typing else filter_receipt(event, run)
+        if new is None:
+            continue
+        changed = True
+        if new is DROP:
+            del rooms[room_id]
+        else:
+            rooms[room_id] = new
+    return encode_object(rooms) if changed else None
+
+
+def _extensions(raw: Raw, run: Run) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    extensions = split_object(raw)
+    if extensions is None:
+        return None
+    changed = edit(
+        extensions,
+        "typing",
+        lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=True)),
+    )
+    changed |= edit(
+        extensions,
+        "receipts",
+        lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=False)),
+    )
+    return encode_object(extensions) if changed else None
+
+
+def rewrite_sliding_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """Filter a simplified sliding sync response.
+
+    ``rooms.*.timeline``: drop ignored senders' non-state events, lowering ``num_live``
+    by those removed among the last ``num_live``; ``required_state`` kept; rooms whose
+    ``invite_state`` / ``stripped_state`` holds an invite by an ignored user are dropped
+    (``lists`` counts are left alone). If ``ctx.filter_ephemeral``:
+    ``extensions.typing.rooms.*`` and ``extensions.receipts.rooms.*`` without ignored
+    users. ``extensions.account_data`` and everything else untouched.
+    """
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    changed = edit(top, "rooms", lambda raw: _rooms(raw, run))
+    if ctx.filter_ephemeral:
+        changed |= edit(top, "extensions", lambda raw: _extensions(raw, run))
+    return finish(top, run, changed)

@@ -1,0 +1,116 @@
+"""``GET /sync``."""
+
+from __future__ import annotations
+
+from .events import Run, filter_events, head_of, is_invite_for
+from .raw import Raw, encode_object, split_array, split_object
+from .types import IgnoreContext, Rewritten
+from .walk import edit, edit_in, finish, start
+
+__all__ = ["invite_is_hidden", "rewrite_sync"]
+
+
+def _section_events(
+    room: dict[str, Raw], key: str, run: Run, *, keep_all: bool = False, ephemeral: bool = False
+) -> bool:
+    """Filter ``room[key].events``."""
+    return edit(
+        room,
+        key,
+        lambda section: edit_in(
+            section,
+            "events",
+            lambda events: filter_events(events, run, keep_all=keep_all, ephemeral=ephemeral),
+        ),
+    )
+
+
+def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    room = split_object(raw)
+    if room is None:
+        return None
+    changed = _section_events(room, "timeline", run)
+    changed |= _section_events(room, "state", run, keep_all=True)
+    changed |= _section_events(room, "state_after", run, keep_all=True)
+    if joined and run.ctx.filter_ephemeral:
+        changed |= _section_events(room, "ephemeral", run, keep_all=True, ephemeral=True)
+    return encode_object(room) if changed else None
+
+
+def _rooms(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    rooms = split_object(raw)
+    if rooms is None:
+        return None
+    changed = False
+    for room_id in rooms:
+        changed |= edit(rooms, room_id, lambda room: _room(room, run, joined=joined))
+    return encode_object(rooms) if changed else None
+
+
+def invite_is_hidden(events: Raw, run: Run) -> bool:
+    """Does this list of stripped state hold an invite of the user by an ignored user?"""
+    if not run.relevant(events):
+        return False
+    items = split_array(events)
+    if items is None:
+        return False
+    for item in items:
+        head = head_of(item) if run.relevant(item) else None
+        if head is not None and head.sender in run.ignored and is_invite_for(head, run.ctx.user_id):
+            return True
+    return False
+
+
+def _invites(raw: Raw, run: Run) -> Raw | None:
+    if not run.relevant(raw):
+        return None
+    rooms = split_object(raw)
+    if rooms is None:
+        return None
+    hidden = []
+    for room_id, room_raw in rooms.items():
+        room = split_object(room_raw) if run.relevant(room_raw) else None
+        if room is None or "invite_state" not in room:
+            continue
+        invite_state = split_object(room["invite_state"])
+        if invite_state is None or "events" not in invite_state:
+            continue
+        if invite_is_hidden(invite_state["events"], run):
+            hidden.append(room_id)
+    if not hidden:
+        return None
+    for room_id in hidden:
+        del rooms[room_id]
+    run.removed += len(hidden)
+    return encode_object(rooms)
+
+
+def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """Filter a ``/sync`` response.
+
+    ``rooms.{join,leave}.*.timeline.events``: drop ignored senders' non-state events.
+    ``rooms.invite.*``: drop rooms the user was invited to by an ignored user.
+    ``rooms.join.*.ephemeral.events`` (if ``ctx.filter_ephemeral``): ignored users out of
+    ``m.typing`` and ``m.receipt``. Bundled thread summaries everywhere. Everything else,
+    including ``limited`` and ``prev_batch``, is left as it was.
+    """
+    started = start(body, ctx)
+    if started is None:
+        return None
+    top, run = started
+    rooms_raw = top.get("rooms")
+    if rooms_raw is None or not run.relevant(rooms_raw):
+        return None
+    rooms = split_object(rooms_raw)
+    if rooms is None:
+        return None
+    changed = edit(rooms, "join", lambda raw: _rooms(raw, run, joined=True))
+    changed |= edit(rooms, "leave", lambda raw: _rooms(raw, run, joined=False))
+    changed |= edit(rooms, "invite", lambda raw: _invites(raw, run))
+    if changed:
+        top["rooms"] = encode_object(rooms)
+    return finish(top, run, changed)
