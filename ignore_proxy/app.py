@@ -1,0 +1,84 @@
+"""Assembly: the shared upstream client, the caches, the proxy, and the proxy's own endpoints."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import httpx
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response
+from starlette.routing import Route
+from starlette.types import Receive, Scope, Send
+
+from .config import Settings
+from .identity import IdentityResolver
+from .ignore_lists import IgnoreListStore
+from .proxy import Proxy
+from .upstream import create_client
+
+# The proxy's own endpoints live under a prefix no Matrix path can start with.
+OWN_PREFIX = "/_ignore_proxy/"
+READY_PROBE = "/_matrix/client/versions"
+
+
+class IgnoreProxyApp:
+    """Everything goes to the proxy except the proxy's own endpoints and lifespan events."""
+
+    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+        self.settings = settings
+        self.client = create_client(settings, transport)
+        self.identity = IdentityResolver(
+            self.client,
+            max_size=settings.identity.cache_size,
+            ttl=settings.identity.cache_ttl,
+            negative_ttl=settings.identity.negative_ttl,
+        )
+        self.ignore_lists = IgnoreListStore(
+            self.client, ttl=settings.ignore.list_ttl, max_users=settings.ignore.list_cache_size
+        )
+        self.proxy = Proxy(settings, self.client, self.identity, self.ignore_lists)
+        self.own = Starlette(
+            routes=[
+                Route(OWN_PREFIX + "health/live", self.live),
+                Route(OWN_PREFIX + "health/ready", self.ready),
+            ],
+            lifespan=self.lifespan,
+        )
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and not scope["path"].startswith(OWN_PREFIX):
+            await self.proxy(scope, receive, send)
+        else:
+            await self.own(scope, receive, send)
+
+    @asynccontextmanager
+    async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        try:
+            yield
+        finally:
+            await self.client.aclose()
+
+    async def live(self, request: Request) -> Response:
+        return JSONResponse({"status": "ok"})
+
+    async def ready(self, request: Request) -> Response:
+        try:
+            response = await self.client.get(READY_PROBE, timeout=5.0)
+        except httpx.TransportError as exc:
+            return JSONResponse(
+                {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
+            )
+        if response.status_code != 200:
+            return JSONResponse(
+                {"status": "unavailable", "reason": f"upstream answered {response.status_code}"},
+                status_code=503,
+            )
+        return JSONResponse({"status": "ok"})
+
+
+def create_app(
+    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
+) -> IgnoreProxyApp:
+    return IgnoreProxyApp(settings, transport)

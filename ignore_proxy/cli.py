@@ -1,0 +1,63 @@
+"""The command line: `ignore-proxy [serve] --upstream URL --listen HOST:PORT [--config FILE]`,
+`ignore-proxy check-config` and `ignore-proxy healthcheck` (exit 0 or 1, for Docker)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Sequence
+
+from . import __version__
+from .config import ENV_PREFIX, ConfigError, Settings, load_settings
+
+COMMANDS = ("serve", "check-config", "healthcheck")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="ignore-proxy",
+        description="Enforce Matrix 'ignore user' semantics and MSC4406 in front of a homeserver.",
+        epilog=f"Commands: {', '.join(COMMANDS)} (default: serve). Every setting can also be "
+        f"given as an {ENV_PREFIX}* environment variable; flags win over both.",
+    )
+    parser.add_argument("command", nargs="?", choices=COMMANDS, default="serve")
+    parser.add_argument("--config", metavar="FILE", help=f"TOML file (or {ENV_PREFIX}CONFIG)")
+    parser.add_argument("--upstream", metavar="URL", help="homeserver base URL")
+    parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.config, {"upstream": args.upstream, "listen": args.listen})
+    except ConfigError as exc:
+        print(f"ignore-proxy: {exc}", file=sys.stderr)
+        return 2
+    if args.command == "check-config":
+        print(f"ignore-proxy: config OK (upstream {settings.upstream}, listen {settings.listen})")
+        return 0
+    if args.command == "healthcheck":
+        return healthcheck(settings)
+    from .server import serve  # uvicorn is imported only to serve
+
+    serve(settings)
+    return 0
+
+
+def healthcheck(settings: Settings) -> int:
+    host, port = settings.listen_address
+    if host in ("0.0.0.0", "::", ""):
+        host = "127.0.0.1" if host != "::" else "::1"
+    if ":" in host:
+        host = f"[{host}]"
+    url = f"http://{host}:{port}/_ignore_proxy/health/live"
+    try:
+        with urllib.request.urlopen(url, timeout=5) as response:
+            return 0 if response.status == 200 else 1
+    except (urllib.error.URLError, OSError) as exc:
+        print(f"ignore-proxy: healthcheck failed: {exc}", file=sys.stderr)
+        return 1

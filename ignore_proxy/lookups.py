@@ -1,0 +1,107 @@
+"""Questions the proxy asks the homeserver itself, as the user, when an answer names an
+event without showing who sent it (the parent of `/relations`, `timestamp_to_event`)."""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from urllib.parse import quote
+
+import httpx
+import msgspec
+
+from .identity import Credentials
+
+log = logging.getLogger(__name__)
+
+# How far timestamp_to_event may step past events of ignored senders before giving up.
+MAX_STEPS = 20
+
+
+class _Head(msgspec.Struct):
+    sender: str = ""
+    state_key: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Found(msgspec.Struct):
+    event_id: str
+    origin_server_ts: int
+
+
+@dataclass(frozen=True, slots=True)
+class EventHead:
+    sender: str | None  # None: the homeserver will not show this event to the user
+    is_state: bool = False
+
+
+HIDDEN = EventHead(None)
+
+
+def _room_path(version: str, room_id: str, *rest: str) -> str:
+    parts = "/".join(quote(part, safe="") for part in (room_id, *rest))
+    return f"/_matrix/client/{version}/rooms/{parts}"
+
+
+async def fetch_event_head(
+    client: httpx.AsyncClient, creds: Credentials, room_id: str, event_id: str
+) -> EventHead | None:
+    """Who sent an event; None when that cannot be learned now."""
+    try:
+        response = await client.get(
+            _room_path("v3", room_id, "event", event_id),
+            headers=creds.auth_headers(),
+            params=creds.query_params(),
+        )
+    except httpx.TransportError as exc:
+        log.warning("event lookup failed: %s", type(exc).__name__)
+        return None
+    if response.status_code == 404:
+        return HIDDEN
+    if response.status_code != 200:
+        return None
+    try:
+        head = msgspec.json.decode(response.content, type=_Head)
+    except msgspec.DecodeError:
+        return None
+    return EventHead(head.sender, head.state_key is not msgspec.UNSET)
+
+
+async def nearest_unignored_event(
+    client: httpx.AsyncClient,
+    creds: Credentials,
+    room_id: str,
+    query: dict[str, str],
+    answer: bytes,
+    ignored: frozenset[str],
+) -> bytes | None:
+    """Step past events of ignored senders in the direction asked; None if none is left."""
+    direction = query.get("dir", "f")
+    step = 1 if direction == "f" else -1
+    for _ in range(MAX_STEPS):
+        try:
+            found = msgspec.json.decode(answer, type=_Found)
+        except msgspec.DecodeError:
+            return answer  # not an answer we understand; nothing of a sender in it either
+        head = await fetch_event_head(client, creds, room_id, found.event_id)
+        # An event the homeserver hides from the user (as Synapse does with ignored
+        # senders' events) must not be the answer either.
+        if (
+            head is None
+            or head.is_state
+            or (head.sender is not None and head.sender not in ignored)
+        ):
+            return answer
+        params = {**query, **creds.query_params(), "ts": str(found.origin_server_ts + step)}
+        params.pop("access_token", None)
+        try:
+            response = await client.get(
+                _room_path("v1", room_id, "timestamp_to_event"),
+                headers=creds.auth_headers(),
+                params=params,
+            )
+        except httpx.TransportError:
+            return None
+        if response.status_code != 200:
+            return None
+        answer = response.content
+    return None

@@ -1,0 +1,409 @@
+"""One request's way through the proxy: in, identify, forward, rewrite, respond."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from urllib.parse import parse_qsl
+
+import httpx
+from starlette.types import Message, Receive, Scope, Send
+
+from . import lookups, rewrite
+from .config import Settings
+from .errors import error_body, send_error, send_json
+from .identity import Credentials, IdentityResolver, IdentityUnavailable, credentials_from_request
+from .ignore_lists import IgnoreListStore, IgnoreListUnavailable, PutRejection, validate_put_body
+from .responses import BodyTooLarge, read_body, relay, send_rewritten
+from .routes import RouteMatch, match
+from .upstream import build_request, forwardable, timeout_for, upstream_url
+
+log = logging.getLogger(__name__)
+
+_IGNORE_LIST_TYPE = b"m.ignored_user_list"
+_ERROR_BODY_LIMIT = 64 * 1024
+
+
+class ClientGone(Exception):
+    pass
+
+
+class RequestTooLarge(Exception):
+    pass
+
+
+class ListUnavailable(Exception):
+    """The user's ignore list could not be learned and no earlier one is known."""
+
+
+@dataclass(slots=True)
+class _Exchange:
+    """The client side of one request: its body as it arrives, and whether it is still there."""
+
+    receive: Receive
+    send_raw: Send
+    body_limit: int
+    body_done: asyncio.Event = field(default_factory=asyncio.Event)
+    response_done: bool = False
+    client_gone: bool = False
+
+    async def send(self, message: Message) -> None:
+        if message["type"] == "http.response.body" and not message.get("more_body", False):
+            self.response_done = True
+        await self.send_raw(message)
+
+    async def body_chunks(self) -> AsyncIterator[bytes]:
+        size = 0
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                self.client_gone = True
+                raise ClientGone
+            chunk: bytes = message.get("body", b"")
+            size += len(chunk)
+            if self.body_limit and size > self.body_limit:
+                raise RequestTooLarge
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                self.body_done.set()
+                return
+
+    async def read_body(self) -> bytes:
+        return b"".join([chunk async for chunk in self.body_chunks()])
+
+    async def watch_disconnect(self, handler: asyncio.Task[None]) -> None:
+        """Cancel the handler when the client goes away, so its upstream request is released."""
+        await self.body_done.wait()
+        while True:
+            message = await self.receive()
+            if message["type"] == "http.disconnect":
+                if not self.response_done:
+                    self.client_gone = True
+                    handler.cancel()
+                return
+
+
+@dataclass(slots=True)
+class _Call:
+    """What the proxy knows about one request on a route of the table."""
+
+    exchange: _Exchange
+    found: RouteMatch
+    query: bytes
+    creds: Credentials | None
+    user: asyncio.Task[str] | None = None  # the effective user, once their list is loaded
+    path_event: asyncio.Task[lookups.EventHead | None] | None = None
+    new_list: frozenset[str] | None = None
+    user_to_evict: str | None = None
+
+    def cancel_lookups(self) -> None:
+        for task in (self.user, self.path_event):
+            if task is not None and not task.done():
+                task.cancel()
+
+
+class Proxy:
+    """The ASGI app that forwards everything and rewrites what the route table names."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: httpx.AsyncClient,
+        identity: IdentityResolver,
+        ignore_lists: IgnoreListStore,
+    ) -> None:
+        self.settings = settings
+        self.client = client
+        self.identity = identity
+        self.ignore_lists = ignore_lists
+        self.list_unavailable = 0
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        exchange = _Exchange(receive, send, self.settings.limits.max_request_body)
+        if not _has_body(scope["headers"]):
+            exchange.body_done.set()
+        handler = asyncio.current_task()
+        assert handler is not None
+        watcher = asyncio.create_task(exchange.watch_disconnect(handler))
+        try:
+            await self._handle(scope, exchange)
+        except asyncio.CancelledError:
+            if exchange.client_gone and handler.uncancel() == 0:
+                return
+            raise
+        except ClientGone:
+            return
+        finally:
+            watcher.cancel()
+
+    async def _handle(self, scope: Scope, exchange: _Exchange) -> None:
+        method: str = scope["method"]
+        raw_path: bytes = scope.get("raw_path") or scope["path"].encode()
+        query: bytes = scope["query_string"]
+        headers: list[tuple[bytes, bytes]] = scope["headers"]
+        limit = self.settings.limits.max_request_body
+        if limit and _content_length(headers) > limit:
+            await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
+            return
+        body: AsyncIterator[bytes] | bytes | None = (
+            exchange.body_chunks() if _has_body(headers) else None
+        )
+        request_headers = forwardable(headers)
+        found = match(method, raw_path)
+        call = None
+        if found is not None:
+            call = _Call(exchange, found, query, credentials_from_request(headers, query))
+            if found.route.ignore_list_write and method == "PUT":
+                checked = await self._checked_ignore_list(call)
+                if checked is None:
+                    return
+                call.new_list, body = checked
+            elif found.route.ignore_list_write:
+                call.new_list = frozenset()  # MSC3391: deleting the event
+            await self._start_lookups(call)
+            if found.route.reads_body:
+                request_headers = _identity_encoding(request_headers)
+        try:
+            request = build_request(
+                method,
+                upstream_url(self.client, raw_path, query),
+                request_headers,
+                body,
+                timeout_for(self.settings, query),
+            )
+            try:
+                response = await self.client.send(request, stream=True)
+            except RequestTooLarge:
+                await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
+                return
+            except httpx.TransportError as exc:
+                await _send_upstream_error(exchange.send, exc)
+                return
+            try:
+                if response.status_code == 401 and call is not None and call.creds is not None:
+                    self.identity.forget_token(call.creds.access_token)
+                if call is None:
+                    await relay(exchange.send, response)
+                else:
+                    await self._respond(call, response)
+            finally:
+                await asyncio.shield(response.aclose())
+        finally:
+            if call is not None:
+                call.cancel_lookups()
+
+    async def _checked_ignore_list(self, call: _Call) -> tuple[frozenset[str], bytes] | None:
+        """Read and check a client's new ignore list; None when the proxy answered an error."""
+        exchange = call.exchange
+        json_limit = self.settings.limits.max_json_body
+        exchange.body_limit = min(exchange.body_limit or json_limit, json_limit)
+        try:
+            raw = await exchange.read_body()
+        except RequestTooLarge:
+            await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
+            return None
+        checked = validate_put_body(raw, call.found.params["user_id"])
+        if isinstance(checked, PutRejection):
+            await send_error(exchange.send, 400, checked.errcode, checked.error)
+            return None
+        return checked, raw
+
+    async def _start_lookups(self, call: _Call) -> None:
+        """Start learning who asks and whom they ignore, alongside the upstream request."""
+        route, creds = call.found.route, call.creds
+        if creds is None:
+            return
+        if route.evicts == "user":
+            # Ask before forwarding: after a logout the token can no longer tell.
+            with contextlib.suppress(IdentityUnavailable):
+                call.user_to_evict = await self.identity.resolve(creds)
+        if route.needs_ignore_list or route.ignore_list_write:
+            call.user = asyncio.create_task(
+                self._user_and_list(creds, load_list=not route.ignore_list_write)
+            )
+        if route.check_path_event:
+            params = call.found.params
+            call.path_event = asyncio.create_task(
+                lookups.fetch_event_head(self.client, creds, params["room_id"], params["event_id"])
+            )
+
+    async def _user_and_list(self, creds: Credentials, *, load_list: bool) -> str:
+        try:
+            user_id = await self.identity.resolve(creds)
+        except IdentityUnavailable:
+            raise ListUnavailable from None
+        if user_id is None:
+            raise ListUnavailable
+        if load_list:
+            try:
+                await self.ignore_lists.ensure_fresh(user_id, creds)
+            except IgnoreListUnavailable:
+                raise ListUnavailable from None
+        return user_id
+
+    async def _respond(self, call: _Call, response: httpx.Response) -> None:
+        send, route, status = call.exchange.send, call.found.route, response.status_code
+        succeeded = 200 <= status < 300
+        if route.evicts is not None and succeeded and call.creds is not None:
+            self.identity.forget_token(call.creds.access_token)
+            if call.user_to_evict is not None:
+                self.identity.forget_user(call.user_to_evict)
+        if route.ignore_list_write and succeeded and call.user is not None:
+            await self._remember_written_list(call)
+        if route.public_rewriter is not None and status == 200:
+            body = await self._read(call, response)
+            if body is not None:
+                await send_rewritten(send, response, route.public_rewriter(body))
+        elif call.user is None or route.ignore_list_write:
+            await relay(send, response)
+        elif route.single_event and status != 200:
+            await self._respond_single_event_error(call, response)
+        elif status != 200:
+            await relay(send, response)
+        else:
+            await self._respond_filtered(call, call.user, response)
+
+    async def _remember_written_list(self, call: _Call) -> None:
+        assert call.user is not None and call.new_list is not None
+        try:
+            user_id = await call.user
+        except ListUnavailable:
+            return
+        # Only ever under the authenticated user's own key.
+        if user_id == call.found.params["user_id"]:
+            self.ignore_lists.set(user_id, call.new_list)
+
+    async def _respond_single_event_error(self, call: _Call, response: httpx.Response) -> None:
+        body = await self._read(call, response, _ERROR_BODY_LIMIT)
+        if body is None:
+            return
+        own_answer = rewrite.normalise_sender_ignored(response.status_code, body)
+        if own_answer is None:
+            await send_rewritten(call.exchange.send, response, body)
+        else:
+            await self._send_sender_ignored(call, own_answer.sender)
+
+    async def _respond_filtered(
+        self, call: _Call, user: asyncio.Task[str], response: httpx.Response
+    ) -> None:
+        send, route = call.exchange.send, call.found.route
+        try:
+            user_id = await user
+        except ListUnavailable:
+            self.list_unavailable += 1
+            if self.settings.ignore.on_unavailable == "pass":
+                await relay(send, response)
+            else:
+                await send_error(send, 503, "M_UNKNOWN", "The ignore list could not be loaded",
+                                 headers=[(b"retry-after", b"5")])  # fmt: skip
+            return
+        if call.path_event is not None:
+            head = await call.path_event
+            if (
+                head is not None
+                and head.sender is not None
+                and not head.is_state
+                and (head.sender in self.ignore_lists.current(user_id))
+            ):
+                await self._send_sender_ignored(call, head.sender)
+                return
+        if route.account_data is None and not self.ignore_lists.current(user_id):
+            await relay(send, response)  # nobody ignored: stream it, never parse it
+            return
+        body = await self._read(call, response)
+        if body is None:
+            return
+        if route.account_data is not None and (_IGNORE_LIST_TYPE in body or b"\\u" in body):
+            try:
+                seen = route.account_data(body)
+            except rewrite.InvalidBody:
+                seen = None
+            if seen is not None:
+                self.ignore_lists.set(user_id, seen)
+        # The list as it is now, when the answer leaves, not when the request arrived.
+        ignored = self.ignore_lists.current(user_id)
+        if route.nearest_unignored and ignored:
+            # The answer names an event but not its sender: look it up.
+            assert call.creds is not None
+            query = dict(parse_qsl(call.query.decode("latin-1")))
+            answer = await lookups.nearest_unignored_event(
+                self.client, call.creds, call.found.params["room_id"], query, body, ignored
+            )
+            if answer is None:
+                await send_error(send, 404, "M_NOT_FOUND",
+                                 "Unable to find an event in the direction given")  # fmt: skip
+            else:
+                await send_rewritten(send, response, answer)
+            return
+        if not ignored or not rewrite.mentions_any(body, ignored):
+            await send_rewritten(send, response, body)
+            return
+        assert route.rewriter is not None
+        context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
+        try:
+            rewritten = route.rewriter(body, context)
+        except rewrite.SenderIgnored as exc:
+            await self._send_sender_ignored(call, exc.sender)
+            return
+        except rewrite.InvalidBody:
+            await send_error(send, 502, "M_UNKNOWN", "The homeserver sent a malformed answer")
+            return
+        await send_rewritten(send, response, body if rewritten is None else rewritten.body)
+
+    async def _send_sender_ignored(self, call: _Call, sender: str | None) -> None:
+        message = "You have ignored the user that sent this event"
+        extra = {} if sender is None else {"sender": sender}
+        body = error_body(self.settings.ignore.errcode, message, **extra)
+        await send_json(call.exchange.send, 404, body)
+
+    async def _read(
+        self, call: _Call, response: httpx.Response, limit: int | None = None
+    ) -> bytes | None:
+        try:
+            return await read_body(response, limit or self.settings.limits.max_rewrite_body)
+        except BodyTooLarge:
+            await send_error(call.exchange.send, 502, "M_UNKNOWN",
+                             "The homeserver's answer is too large to filter")  # fmt: skip
+        except httpx.TransportError as exc:
+            await _send_upstream_error(call.exchange.send, exc)
+        return None
+
+
+def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:
+    for name, value in headers:
+        lowered = name.lower()
+        if lowered == b"transfer-encoding":
+            return True
+        if lowered == b"content-length":
+            return value.strip() not in (b"0", b"")
+    return False
+
+
+def _content_length(headers: list[tuple[bytes, bytes]]) -> int:
+    for name, value in headers:
+        if name.lower() == b"content-length" and value.strip().isdigit():
+            return int(value)
+    return 0
+
+
+def _identity_encoding(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Ask for an uncompressed answer where the proxy may have to rewrite it."""
+    kept = [(name, value) for name, value in headers if name.lower() != b"accept-encoding"]
+    kept.append((b"accept-encoding", b"identity"))
+    return kept
+
+
+async def _send_upstream_error(send: Send, exc: httpx.TransportError) -> None:
+    if isinstance(exc, httpx.PoolTimeout):
+        await send_error(send, 503, "M_UNKNOWN", "Too many requests to the homeserver in flight",
+                         headers=[(b"retry-after", b"1")])  # fmt: skip
+    elif isinstance(exc, httpx.TimeoutException):
+        await send_error(send, 504, "M_UNKNOWN", "The homeserver did not answer in time")
+    else:
+        await send_error(send, 502, "M_UNKNOWN", "The homeserver could not be reached")

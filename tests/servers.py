@@ -1,0 +1,220 @@
+"""Real servers for tests: an upstream served by uvicorn in a thread, and the proxy
+started with its real command line in a subprocess."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import httpx
+import uvicorn
+
+Scope = dict[str, Any]
+Receive = Callable[[], Any]
+Send = Callable[[dict[str, Any]], Any]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port: int = sock.getsockname()[1]
+        return port
+
+
+class ThreadedServer(uvicorn.Server):
+    """uvicorn in a thread, as httpx's own tests do; no signal handlers."""
+
+    def install_signal_handlers(self) -> None:
+        pass
+
+    @contextlib.contextmanager
+    def run_in_thread(self) -> Iterator[None]:
+        thread = threading.Thread(target=self.run, daemon=True)
+        thread.start()
+        try:
+            deadline = time.monotonic() + 10
+            while not self.started:
+                if time.monotonic() > deadline or not thread.is_alive():
+                    raise RuntimeError("test server did not start")
+                time.sleep(0.01)
+            yield
+        finally:
+            self.should_exit = True
+            thread.join(timeout=10)
+
+
+@dataclass
+class Seen:
+    """What the upstream saw of one request."""
+
+    method: str
+    raw_path: bytes
+    query: bytes
+    headers: list[tuple[bytes, bytes]]
+    body_size: int
+
+
+@dataclass
+class Upstream:
+    """A fake homeserver whose endpoints exercise the proxy's forwarding."""
+
+    seen: list[Seen] = field(default_factory=list)
+    open_streams: int = 0
+    disconnects: int = 0
+    chunk = b"x" * 65536
+
+    def last(self) -> Seen:
+        return self.seen[-1]
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        path: str = scope["path"]
+        body_size = 0
+        if not path.startswith("/drip") and not path.startswith("/hold"):
+            while True:
+                message = await receive()
+                if message["type"] == "http.disconnect":
+                    return
+                body_size += len(message.get("body", b""))
+                if not message.get("more_body"):
+                    break
+        self.seen.append(
+            Seen(scope["method"], scope["raw_path"], scope["query_string"], scope["headers"],
+                 body_size)  # fmt: skip
+        )
+        query = dict(
+            part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
+        )
+        if path.startswith("/bytes/"):
+            await self._bytes(send, int(path.rsplit("/", 1)[1]))
+        elif path.startswith("/drip"):
+            await self._drip(receive, send)
+        elif path.startswith("/hold"):
+            await self._hold(receive, send, float(query.get("seconds", "30")))
+        elif path.startswith("/headers"):
+            await send({"type": "http.response.start", "status": 200, "headers": [
+                (b"content-type", b"text/plain"), (b"set-cookie", b"a=1; Path=/"),
+                (b"set-cookie", b"b=2; Path=/"), (b"x-multi", b"one"), (b"x-multi", b"two"),
+                (b"connection", b"x-hop"), (b"x-hop", b"secret"),
+            ]})  # fmt: skip
+            await send({"type": "http.response.body", "body": b"ok"})
+        else:
+            body = b'{"ok":true,"body_size":%d}' % body_size
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+            await send({"type": "http.response.body", "body": body})
+
+    async def _bytes(self, send: Send, size: int) -> None:
+        await send({"type": "http.response.start", "status": 200, "headers": [
+            (b"content-type", b"application/octet-stream"),
+            (b"content-length", str(size).encode()),
+        ]})  # fmt: skip
+        while size > 0:
+            piece = self.chunk[: min(size, len(self.chunk))]
+            size -= len(piece)
+            await send({"type": "http.response.body", "body": piece, "more_body": size > 0})
+
+    async def _watch(self, receive: Receive) -> None:
+        while (await receive())["type"] != "http.disconnect":
+            pass
+        self.disconnects += 1
+
+    async def _drip(self, receive: Receive, send: Send) -> None:
+        """Streams forever, until the other side goes away."""
+        self.open_streams += 1
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            await send({"type": "http.response.start", "status": 200,
+                        "headers": [(b"content-type", b"application/octet-stream")]})  # fmt: skip
+            while not watcher.done():
+                await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
+                await asyncio.sleep(0.01)
+        finally:
+            self.open_streams -= 1
+            watcher.cancel()
+
+    async def _hold(self, receive: Receive, send: Send, seconds: float) -> None:
+        """A long-poll: answers after `seconds`, unless the other side goes away first."""
+        self.open_streams += 1
+        watcher = asyncio.ensure_future(self._watch(receive))
+        try:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(asyncio.shield(watcher), seconds)
+            if not watcher.done():
+                await send({"type": "http.response.start", "status": 200,
+                            "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+                await send({"type": "http.response.body", "body": b'{"next_batch":"s1"}'})
+        finally:
+            self.open_streams -= 1
+            watcher.cancel()
+
+
+@contextlib.contextmanager
+def serve_upstream(app: Any, port: int | None = None) -> Iterator[str]:
+    port = port or free_port()
+    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
+                            lifespan="on", timeout_keep_alive=30)  # fmt: skip
+    with ThreadedServer(config).run_in_thread():
+        yield f"http://127.0.0.1:{port}"
+
+
+@dataclass
+class ProxyProcess:
+    url: str
+    process: subprocess.Popen[bytes]
+
+    def peak_rss_kib(self) -> int:
+        with open(f"/proc/{self.process.pid}/status") as status:
+            for line in status:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1])
+        raise RuntimeError("no VmHWM")
+
+
+@contextlib.contextmanager
+def run_proxy(upstream: str, env: dict[str, str] | None = None) -> Iterator[ProxyProcess]:
+    """The proxy as operators run it: its command line, served by uvicorn."""
+    port = free_port()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ignore_proxy", "--upstream", upstream,
+         "--listen", f"127.0.0.1:{port}"],
+        env={**os.environ, "IGNORE_PROXY_LOGGING_LEVEL": "warning", **(env or {})},
+    )  # fmt: skip
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 20
+        while True:
+            if process.poll() is not None:
+                raise RuntimeError(f"proxy exited with {process.returncode}")
+            try:
+                if httpx.get(url + "/_ignore_proxy/health/live").status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            if time.monotonic() > deadline:
+                raise RuntimeError("proxy did not start")
+            time.sleep(0.05)
+        yield ProxyProcess(url, process)
+    finally:
+        process.terminate()
+        try:
+            process.wait(timeout=10)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()

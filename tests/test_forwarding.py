@@ -1,0 +1,242 @@
+"""The pass-through core against real servers: the proxy's command line and uvicorn in
+front of an upstream served by uvicorn, both on loopback."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import time
+from collections.abc import Iterator
+
+import httpx
+import pytest
+
+from .servers import ProxyProcess, Upstream, free_port, run_proxy, serve_upstream
+
+
+@pytest.fixture(scope="module")
+def upstream() -> Iterator[tuple[Upstream, str]]:
+    app = Upstream()
+    with serve_upstream(app) as url:
+        yield app, url
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: tuple[Upstream, str]) -> Iterator[ProxyProcess]:
+    with run_proxy(upstream[1]) as process:
+        yield process
+
+
+def wait_for(condition: object, timeout: float = 5.0) -> bool:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if callable(condition) and condition():
+            return True
+        time.sleep(0.02)
+    return False
+
+
+@pytest.mark.parametrize(
+    "path",
+    [
+        "/_matrix/client/v3/directory/room/%23alias%3Aexample.org",
+        "/_matrix/client/v3/rooms/%21room%3Ahs/state/m.room.member/%40bob%3Ahs",
+        "/_matrix/client/v3/rooms/!r:hs/state/m.widget/a%2Fb%2F..%2Fc",
+        "/_matrix/media/v3/download/hs/abc%20def",
+    ],
+)
+def test_raw_path_and_query_arrive_unchanged(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str], path: str
+) -> None:
+    app, _ = upstream
+    query = "filter=%7B%22room%22%3A1%7D&a=%2F&a=2"
+    response = httpx.get(f"{proxy.url}{path}?{query}")
+    assert response.status_code == 200
+    assert app.last().raw_path == path.encode()
+    assert app.last().query == query.encode()
+
+
+def test_repeated_headers_survive_both_ways(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    response = httpx.get(
+        proxy.url + "/headers",
+        headers=[("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2"),
+                 ("Host", "matrix.example.org"), ("X-Forwarded-Proto", "https")],
+    )  # fmt: skip
+    assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
+    assert response.headers.get_list("x-multi") == ["one", "two"]
+    sent = app.last().headers
+    assert [v for k, v in sent if k == b"x-forwarded-for"] == [b"10.0.0.1", b"10.0.0.2"]
+    assert (b"host", b"matrix.example.org") in sent
+    assert (b"x-forwarded-proto", b"https") in sent
+
+
+def test_hop_by_hop_headers_are_dropped_both_ways(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    response = httpx.get(
+        proxy.url + "/headers",
+        headers={"Connection": "keep-alive, X-Private", "X-Private": "1", "Keep-Alive": "5",
+                 "TE": "trailers", "Proxy-Authorization": "Basic eDp5", "X-Kept": "yes"},
+    )  # fmt: skip
+    names = {name for name, _ in app.last().headers}
+    assert b"x-kept" in names
+    assert not names & {b"x-private", b"keep-alive", b"te", b"proxy-authorization"}
+    assert "x-hop" not in response.headers
+    assert "x-multi" in response.headers
+
+
+def test_no_upstream_defaults_are_added(proxy: ProxyProcess, upstream: tuple[Upstream, str]) -> None:
+    app, _ = upstream
+    with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: hs.example\r\nConnection: close\r\n\r\n")
+        while sock.recv(65536):
+            pass
+    names = {name for name, _ in app.last().headers}
+    assert names == {b"host"}
+
+
+def test_no_cookie_crosses_users(proxy: ProxyProcess, upstream: tuple[Upstream, str]) -> None:
+    app, _ = upstream
+    with httpx.Client() as alice:
+        alice.get(proxy.url + "/headers", headers={"Authorization": "Bearer alice"})
+    with httpx.Client() as bob:
+        bob.get(proxy.url + "/plain", headers={"Authorization": "Bearer bob"})
+    assert b"cookie" not in {name for name, _ in app.last().headers}
+
+
+def test_large_download_streams_with_flat_memory(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    size = 512 * 1024 * 1024
+    before = proxy.peak_rss_kib()
+    received = 0
+    with httpx.stream("GET", f"{proxy.url}/bytes/{size}") as response:
+        assert response.headers["content-length"] == str(size)
+        for chunk in response.iter_raw():
+            received += len(chunk)
+    assert received == size
+    assert proxy.peak_rss_kib() - before < 48 * 1024
+
+
+def test_large_upload_streams_with_flat_memory(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    size = 512 * 1024 * 1024
+    piece = b"y" * (1024 * 1024)
+
+    def body() -> Iterator[bytes]:
+        for _ in range(size // len(piece)):
+            yield piece
+
+    before = proxy.peak_rss_kib()
+    response = httpx.post(
+        proxy.url + "/_matrix/media/v3/upload",
+        content=body(),
+        headers={"Content-Length": str(size), "Content-Type": "application/octet-stream"},
+        timeout=60,
+    )
+    assert response.json() == {"ok": True, "body_size": size}
+    sent = dict(app.last().headers)
+    assert sent[b"content-length"] == str(size).encode()
+    assert b"transfer-encoding" not in sent
+    assert proxy.peak_rss_kib() - before < 48 * 1024
+
+
+def test_chunked_upload_is_forwarded(proxy: ProxyProcess, upstream: tuple[Upstream, str]) -> None:
+    response = httpx.post(proxy.url + "/_matrix/media/v3/upload", content=iter([b"ab", b"cd"]))
+    assert response.json() == {"ok": True, "body_size": 4}
+
+
+def test_client_disconnect_mid_body_releases_upstream(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    disconnects = app.disconnects
+    with httpx.stream("GET", proxy.url + "/drip") as response:
+        for _ in response.iter_raw():
+            break
+        assert app.open_streams == 1
+    assert wait_for(lambda: app.open_streams == 0 and app.disconnects == disconnects + 1)
+
+
+def test_client_disconnect_mid_long_poll_releases_upstream(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    disconnects = app.disconnects
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.get(proxy.url + "/hold?seconds=30&timeout=30000", timeout=0.5)
+    assert wait_for(lambda: app.open_streams == 0 and app.disconnects == disconnects + 1)
+
+
+def test_long_poll_outlasts_the_read_timeout(upstream: tuple[Upstream, str]) -> None:
+    _, url = upstream
+    with run_proxy(url, {"IGNORE_PROXY_TIMEOUTS_READ": "0.5"}) as proxy:
+        response = httpx.get(proxy.url + "/hold?seconds=1.5&timeout=2000", timeout=10)
+        assert response.status_code == 200
+        slow = httpx.get(proxy.url + "/hold?seconds=1.5", timeout=10)
+        assert slow.status_code == 504
+        assert slow.json()["errcode"] == "M_UNKNOWN"
+
+
+def test_many_idle_long_polls_do_not_exhaust_the_pool(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    async def poll_all() -> list[int]:
+        limits = httpx.Limits(max_connections=None, max_keepalive_connections=0)
+        async with httpx.AsyncClient(limits=limits, timeout=30) as client:
+            responses = await asyncio.gather(
+                *(client.get(proxy.url + "/hold?seconds=2&timeout=2000") for _ in range(1000))
+            )
+        return [r.status_code for r in responses]
+
+    assert asyncio.run(poll_all()) == [200] * 1000
+
+
+def test_connect_error_is_502() -> None:
+    with run_proxy(f"http://127.0.0.1:{free_port()}") as proxy:
+        response = httpx.get(proxy.url + "/_matrix/client/v3/pushrules/")
+        assert response.status_code == 502
+        assert response.json()["errcode"] == "M_UNKNOWN"
+        ready = httpx.get(proxy.url + "/_ignore_proxy/health/ready")
+        assert ready.status_code == 503
+
+
+def test_pool_exhaustion_is_503(upstream: tuple[Upstream, str]) -> None:
+    _, url = upstream
+    env = {"IGNORE_PROXY_LIMITS_MAX_CONNECTIONS": "1", "IGNORE_PROXY_TIMEOUTS_POOL": "0.3"}
+    with run_proxy(url, env) as proxy:
+
+        async def two_at_once() -> list[httpx.Response]:
+            async with httpx.AsyncClient(timeout=10) as client:
+                return await asyncio.gather(
+                    client.get(proxy.url + "/hold?seconds=1.5&timeout=1500"),
+                    client.get(proxy.url + "/hold?seconds=1.5&timeout=1500"),
+                )
+
+        statuses = sorted(r.status_code for r in asyncio.run(two_at_once()))
+        assert statuses == [200, 503]
+
+
+def test_health_endpoints(proxy: ProxyProcess) -> None:
+    assert httpx.get(proxy.url + "/_ignore_proxy/health/live").json() == {"status": "ok"}
+    assert httpx.get(proxy.url + "/_ignore_proxy/health/ready").status_code == 200
+
+
+def test_request_body_over_the_limit_is_413(upstream: tuple[Upstream, str]) -> None:
+    app, url = upstream
+    with run_proxy(url, {"IGNORE_PROXY_LIMITS_MAX_REQUEST_BODY": "1000"}) as proxy:
+        count = len(app.seen)
+        declared = httpx.post(proxy.url + "/upload", content=b"z" * 1001)
+        assert declared.status_code == 413
+        assert declared.json()["errcode"] == "M_TOO_LARGE"
+        chunked = httpx.post(proxy.url + "/upload", content=iter([b"z" * 600, b"z" * 600]))
+        assert chunked.status_code == 413
+        fits = httpx.post(proxy.url + "/upload", content=b"z" * 1000)
+        assert fits.json()["body_size"] == 1000
+        assert len(app.seen) == count + 1
