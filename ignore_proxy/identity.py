@@ -218,7 +218,13 @@ class IdentityResolver:
             self._abandon(key, flight)
 
     def __len__(self) -> int:
+        """Cached identities (not counting rejected credentials)."""
         return len(self._cache)
+
+    @property
+    def negative_entries(self) -> int:
+        """Cached rejected credentials."""
+        return len(self._negative)
 
     async def _lookup(self, creds: Credentials, flight: _Flight) -> str | None:
         try:
