@@ -11,7 +11,7 @@ import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Final
-from urllib.parse import parse_qsl
+from urllib.parse import unquote_to_bytes
 
 import httpx
 from cachetools import TTLCache
@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 WHOAMI_PATH: Final = "/_matrix/client/v3/account/whoami"
-_UNSTABLE_DEVICE_PARAM: Final = "org.matrix.msc3202.device_id"
+_UNSTABLE_DEVICE_PARAM: Final = b"org.matrix.msc3202.device_id"
 
 
 @dataclass(frozen=True, slots=True)
@@ -83,7 +83,8 @@ def credentials_from_request(
     ``query`` is the raw query string. A valid ``Authorization: Bearer`` header wins over
     ``?access_token=``: Synapse rejects requests carrying both, while Dendrite, Conduit and
     continuwuity use the header, so preferring it never disagrees with a server that
-    accepts the request. For repeated headers or parameters the first one counts.
+    accepts the request. For repeated headers or parameters the first one counts, as on
+    Synapse. Undecodable ``user_id``/``device_id``/``access_token`` values give None.
     """
     token: str | None = None
     for name, value in _header_items(headers):
@@ -93,22 +94,32 @@ def credentials_from_request(
                 token = parts[1]
             break
 
+    # Twisted (Synapse) splits on ";" too; others do not. Splitting on both finds every
+    # parameter some homeserver would use; where they disagree, that server rejects the
+    # value anyway (a token or user ID with ";" left in it).
+    params: dict[bytes, bytes] = {}
+    for item in query.replace(b";", b"&").split(b"&"):
+        param, sep, raw = item.partition(b"=")
+        if sep:
+            params.setdefault(_unquote(param), _unquote(raw))
     try:
-        pairs = parse_qsl(
-            query.decode("ascii"), keep_blank_values=True, encoding="utf-8", errors="strict"
-        )
+        if token is None and b"access_token" in params:
+            token = params[b"access_token"].decode("ascii")
+        user_id = _decode(params.get(b"user_id"))
+        device = _decode(params.get(b"device_id", params.get(_UNSTABLE_DEVICE_PARAM)))
     except UnicodeDecodeError:
         return None
-    params: dict[str, str] = {}
-    for key, value in pairs:
-        params.setdefault(key, value)
-
-    if token is None:
-        token = params.get("access_token")
     if token is None or not _is_token(token):
         return None
-    device = params.get("device_id", params.get(_UNSTABLE_DEVICE_PARAM))
-    return Credentials(token, params.get("user_id"), device)
+    return Credentials(token, user_id, device)
+
+
+def _unquote(value: bytes) -> bytes:
+    return unquote_to_bytes(value.replace(b"+", b" "))
+
+
+def _decode(value: bytes | None) -> str | None:
+    return None if value is None else value.decode("utf-8")
 
 
 class IdentityUnavailable(Exception):

@@ -130,6 +130,16 @@ def test_repeated_parameters_first_counts() -> None:
     assert creds == Credentials("one", "@a:b", None)
 
 
+def test_semicolon_separates_parameters_like_twisted() -> None:
+    assert credentials_from_request([], b"limit=1;access_token=tok") == Credentials("tok")
+
+
+def test_raw_non_ascii_in_unrelated_parameters_is_harmless() -> None:
+    creds = credentials_from_request([(b"authorization", b"Bearer tok")], "q=caf\u00e9".encode())
+    assert creds == Credentials("tok")
+    assert credentials_from_request([(b"authorization", b"Bearer t")], b"user_id=%FF") is None
+
+
 def test_repr_never_shows_the_token() -> None:
     assert "sekrit" not in repr(Credentials("sekrit", ALICE, "DEV"))
 
