@@ -259,7 +259,9 @@ class Proxy:
         if route.public_rewriter is not None and status == 200:
             body = await self._read(call, response)
             if body is not None:
-                await send_rewritten(send, response, route.public_rewriter(body))
+                with contextlib.suppress(rewrite.InvalidBody):
+                    body = route.public_rewriter(body)
+                await send_rewritten(send, response, body)
         elif call.user is None or route.ignore_list_write:
             await relay(send, response)
         elif route.single_event and status != 200:

@@ -151,7 +151,12 @@ def _match_client_path(method: str, segments: list[str]) -> RouteMatch | None:
     lowered = [segment.lower() for segment in segments[:4]]
     if lowered[:2] != ["_matrix", "client"] or len(segments) < 3:
         return None
-    rest = segments[4:] if lowered[2:4] == ["api", "v1"] else segments[3:]
+    if len(segments) == 3:
+        rest = segments[2:]  # unversioned: `/_matrix/client/versions`
+    elif lowered[2:4] == ["api", "v1"]:
+        rest = segments[4:]
+    else:
+        rest = segments[3:]
     if rest and "." in rest[0]:
         rest = rest[1:]  # an unstable namespace such as `org.matrix.msc3391`
     for route in _BY_SHAPE.get((method, len(rest)), ()):

@@ -95,8 +95,13 @@ class Upstream:
                 if not message.get("more_body"):
                     break
         self.seen.append(
-            Seen(scope["method"], scope["raw_path"], scope["query_string"], scope["headers"],
-                 body_size)  # fmt: skip
+            Seen(
+                scope["method"],
+                scope["raw_path"],
+                scope["query_string"],
+                scope["headers"],
+                body_size,
+            )  # fmt: skip
         )
         query = dict(
             part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part

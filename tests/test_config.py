@@ -42,7 +42,9 @@ def test_example_file_documents_every_key_with_its_env_name() -> None:
 
 def test_file_then_environment_then_flags(tmp_path: Path) -> None:
     config = tmp_path / "c.toml"
-    config.write_text('upstream = "http://file:1"\nlisten = "127.0.0.1:1"\n[ignore]\nlist_ttl = 5\n')
+    config.write_text(
+        'upstream = "http://file:1"\nlisten = "127.0.0.1:1"\n[ignore]\nlist_ttl = 5\n'
+    )
     environ = {"IGNORE_PROXY_UPSTREAM": "http://env:2", "IGNORE_PROXY_IGNORE_LIST_TTL": "7.5"}
     settings = load_settings(str(config), {"upstream": "http://flag:3"}, environ)
     assert settings.upstream == "http://flag:3"

@@ -89,7 +89,9 @@ def test_hop_by_hop_headers_are_dropped_both_ways(
     assert "x-multi" in response.headers
 
 
-def test_no_upstream_defaults_are_added(proxy: ProxyProcess, upstream: tuple[Upstream, str]) -> None:
+def test_no_upstream_defaults_are_added(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
     app, _ = upstream
     with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))) as sock:
         sock.sendall(b"GET /plain HTTP/1.1\r\nHost: hs.example\r\nConnection: close\r\n\r\n")
