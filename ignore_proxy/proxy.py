@@ -302,8 +302,13 @@ class Proxy:
             if self.settings.ignore.on_unavailable == "pass":
                 await relay(send, response)
             else:
-                await send_error(send, 503, "M_UNKNOWN", "The ignore list could not be loaded",
-                                 headers=[(b"retry-after", b"5")])  # fmt: skip
+                await send_error(
+                    send,
+                    503,
+                    "M_UNKNOWN",
+                    "The ignore list could not be loaded",
+                    headers=[(b"retry-after", b"5")],
+                )
             return
         if call.path_event is not None:
             head = await call.path_event
@@ -338,8 +343,9 @@ class Proxy:
                 self.client, call.creds, call.found.params["room_id"], query, body, ignored
             )
             if answer is None:
-                await send_error(send, 404, "M_NOT_FOUND",
-                                 "Unable to find an event in the direction given")  # fmt: skip
+                await send_error(
+                    send, 404, "M_NOT_FOUND", "Unable to find an event in the direction given"
+                )
             else:
                 await send_rewritten(send, response, answer)
             return
@@ -370,8 +376,12 @@ class Proxy:
         try:
             return await read_body(response, limit or self.settings.limits.max_rewrite_body)
         except BodyTooLarge:
-            await send_error(call.exchange.send, 502, "M_UNKNOWN",
-                             "The homeserver's answer is too large to filter")  # fmt: skip
+            await send_error(
+                call.exchange.send,
+                502,
+                "M_UNKNOWN",
+                "The homeserver's answer is too large to filter",
+            )
         except httpx.TransportError as exc:
             await _send_upstream_error(call.exchange.send, exc)
         return None
@@ -403,8 +413,13 @@ def _identity_encoding(headers: list[tuple[bytes, bytes]]) -> list[tuple[bytes, 
 
 async def _send_upstream_error(send: Send, exc: httpx.TransportError) -> None:
     if isinstance(exc, httpx.PoolTimeout):
-        await send_error(send, 503, "M_UNKNOWN", "Too many requests to the homeserver in flight",
-                         headers=[(b"retry-after", b"1")])  # fmt: skip
+        await send_error(
+            send,
+            503,
+            "M_UNKNOWN",
+            "Too many requests to the homeserver in flight",
+            headers=[(b"retry-after", b"1")],
+        )
     elif isinstance(exc, httpx.TimeoutException):
         await send_error(send, 504, "M_UNKNOWN", "The homeserver did not answer in time")
     else:

@@ -25,14 +25,27 @@ Handler = Callable[[httpx.Request], httpx.Response]
 
 
 def message(event_id: str, sender: str, body: str = "hi", **extra: Any) -> dict[str, Any]:
-    return {"type": "m.room.message", "event_id": event_id, "sender": sender,
-            "content": {"msgtype": "m.text", "body": body}, "origin_server_ts": 1,
-            "room_id": ROOM, **extra}  # fmt: skip
+    return {
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": sender,
+        "content": {"msgtype": "m.text", "body": body},
+        "origin_server_ts": 1,
+        "room_id": ROOM,
+        **extra,
+    }
 
 
 def state(event_id: str, sender: str, type_: str = "m.room.topic", key: str = "") -> dict[str, Any]:
-    return {"type": type_, "event_id": event_id, "sender": sender, "state_key": key,
-            "content": {"topic": "t"}, "origin_server_ts": 1, "room_id": ROOM}  # fmt: skip
+    return {
+        "type": type_,
+        "event_id": event_id,
+        "sender": sender,
+        "state_key": key,
+        "content": {"topic": "t"},
+        "origin_server_ts": 1,
+        "room_id": ROOM,
+    }
 
 
 class _Stream(httpx.AsyncByteStream):
@@ -51,7 +64,7 @@ class FakeHomeserver:
             "alice-phone": ALICE,
             "bob-token": BOB,
             "charlie-token": CHARLIE,
-        }  # fmt: skip
+        }
     )
     appservice_token: str = "as-token"
     account_data: dict[str, dict[str, Any]] = field(default_factory=dict)
@@ -78,8 +91,9 @@ class FakeHomeserver:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         answer = self.answer(request)
         # Streamed like a real transport's answer, not preloaded as MockTransport's are.
-        return httpx.Response(answer.status_code, headers=answer.headers,
-                              stream=_Stream(answer.content))  # fmt: skip
+        return httpx.Response(
+            answer.status_code, headers=answer.headers, stream=_Stream(answer.content)
+        )
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -103,8 +117,11 @@ class FakeHomeserver:
             return result
         if answer is None:
             return httpx.Response(404, json={"errcode": "M_UNRECOGNIZED", "error": path})
-        return httpx.Response(200, content=answer if isinstance(answer, bytes) else json.dumps(answer).encode(),
-                              headers={"content-type": "application/json"})  # fmt: skip
+        return httpx.Response(
+            200,
+            content=answer if isinstance(answer, bytes) else json.dumps(answer).encode(),
+            headers={"content-type": "application/json"},
+        )
 
     def _ignore_list(self, request: httpx.Request, user: str, target: str) -> httpx.Response:
         if target != user:

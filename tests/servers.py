@@ -101,7 +101,7 @@ class Upstream:
                 scope["query_string"],
                 scope["headers"],
                 body_size,
-            )  # fmt: skip
+            )
         )
         query = dict(
             part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
@@ -113,23 +113,44 @@ class Upstream:
         elif path.startswith("/hold"):
             await self._hold(receive, send, float(query.get("seconds", "30")))
         elif path.startswith("/headers"):
-            await send({"type": "http.response.start", "status": 200, "headers": [
-                (b"content-type", b"text/plain"), (b"set-cookie", b"a=1; Path=/"),
-                (b"set-cookie", b"b=2; Path=/"), (b"x-multi", b"one"), (b"x-multi", b"two"),
-                (b"connection", b"x-hop"), (b"x-hop", b"secret"),
-            ]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [
+                        (b"content-type", b"text/plain"),
+                        (b"set-cookie", b"a=1; Path=/"),
+                        (b"set-cookie", b"b=2; Path=/"),
+                        (b"x-multi", b"one"),
+                        (b"x-multi", b"two"),
+                        (b"connection", b"x-hop"),
+                        (b"x-hop", b"secret"),
+                    ],
+                }
+            )
             await send({"type": "http.response.body", "body": b"ok"})
         else:
             body = b'{"ok":true,"body_size":%d}' % body_size
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/json")],
+                }
+            )
             await send({"type": "http.response.body", "body": body})
 
     async def _bytes(self, send: Send, size: int) -> None:
-        await send({"type": "http.response.start", "status": 200, "headers": [
-            (b"content-type", b"application/octet-stream"),
-            (b"content-length", str(size).encode()),
-        ]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": 200,
+                "headers": [
+                    (b"content-type", b"application/octet-stream"),
+                    (b"content-length", str(size).encode()),
+                ],
+            }
+        )
         while size > 0:
             piece = self.chunk[: min(size, len(self.chunk))]
             size -= len(piece)
@@ -145,8 +166,13 @@ class Upstream:
         self.open_streams += 1
         watcher = asyncio.ensure_future(self._watch(receive))
         try:
-            await send({"type": "http.response.start", "status": 200,
-                        "headers": [(b"content-type", b"application/octet-stream")]})  # fmt: skip
+            await send(
+                {
+                    "type": "http.response.start",
+                    "status": 200,
+                    "headers": [(b"content-type", b"application/octet-stream")],
+                }
+            )
             while not watcher.done():
                 await send({"type": "http.response.body", "body": b"x" * 1024, "more_body": True})
                 await asyncio.sleep(0.01)
@@ -162,8 +188,13 @@ class Upstream:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(asyncio.shield(watcher), seconds)
             if not watcher.done():
-                await send({"type": "http.response.start", "status": 200,
-                            "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+                await send(
+                    {
+                        "type": "http.response.start",
+                        "status": 200,
+                        "headers": [(b"content-type", b"application/json")],
+                    }
+                )
                 await send({"type": "http.response.body", "body": b'{"next_batch":"s1"}'})
         finally:
             self.open_streams -= 1
@@ -173,8 +204,9 @@ class Upstream:
 @contextlib.contextmanager
 def serve_upstream(app: Any, port: int | None = None) -> Iterator[str]:
     port = port or free_port()
-    config = uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning",
-                            lifespan="on", timeout_keep_alive=30)  # fmt: skip
+    config = uvicorn.Config(
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_keep_alive=30
+    )
     with ThreadedServer(config).run_in_thread():
         yield f"http://127.0.0.1:{port}"
 
@@ -197,10 +229,17 @@ def run_proxy(upstream: str, env: dict[str, str] | None = None) -> Iterator[Prox
     """The proxy as operators run it: its command line, served by uvicorn."""
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ignore_proxy", "--upstream", upstream,
-         "--listen", f"127.0.0.1:{port}"],
+        [
+            sys.executable,
+            "-m",
+            "ignore_proxy",
+            "--upstream",
+            upstream,
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
         env={**os.environ, "IGNORE_PROXY_LOGGING_LEVEL": "warning", **(env or {})},
-    )  # fmt: skip
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20

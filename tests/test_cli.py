@@ -19,8 +19,11 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     clean = {k: v for k, v in os.environ.items() if not k.startswith("IGNORE_PROXY_")}
     return subprocess.run(
         [sys.executable, "-m", "ignore_proxy", *args],
-        capture_output=True, text=True, timeout=30, env={**clean, **(env or {})},
-    )  # fmt: skip
+        capture_output=True,
+        text=True,
+        timeout=30,
+        env={**clean, **(env or {})},
+    )
 
 
 def test_check_config_accepts_the_example() -> None:
@@ -29,8 +32,13 @@ def test_check_config_accepts_the_example() -> None:
 
 
 def test_bad_value_stops_with_one_line_and_status_2() -> None:
-    result = cli("--upstream", "http://127.0.0.1:8008", "--listen", "localhost",
-                 env={"IGNORE_PROXY_IGNORE_ON_UNAVAILABLE": "shrug"})  # fmt: skip
+    result = cli(
+        "--upstream",
+        "http://127.0.0.1:8008",
+        "--listen",
+        "localhost",
+        env={"IGNORE_PROXY_IGNORE_ON_UNAVAILABLE": "shrug"},
+    )
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1
@@ -52,9 +60,17 @@ def test_healthcheck_follows_the_running_proxy() -> None:
 def test_serve_is_the_default_command_and_listens_where_told() -> None:
     port = free_port()
     process = subprocess.Popen(
-        [sys.executable, "-m", "ignore_proxy", "serve", "--upstream", "http://127.0.0.1:1",
-         "--listen", f"127.0.0.1:{port}"],
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "ignore_proxy",
+            "serve",
+            "--upstream",
+            "http://127.0.0.1:1",
+            "--listen",
+            f"127.0.0.1:{port}",
+        ],
+    )
     try:
         for _ in range(200):
             try:

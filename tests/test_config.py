@@ -95,7 +95,7 @@ def test_unknown_keys_are_rejected(tmp_path: Path) -> None:
 
 
 def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
-    with pytest.raises(ConfigError, match="missing.toml"):
+    with pytest.raises(ConfigError, match=r"missing\.toml"):
         load_settings(str(tmp_path / "missing.toml"), environ={})
     broken = tmp_path / "broken.toml"
     broken.write_text("upstream = \n")

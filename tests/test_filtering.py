@@ -28,9 +28,12 @@ SYNC = "/_matrix/client/v3/sync"
 def sync_body(*events: dict[str, Any], account_data: list[Any] | None = None) -> dict[str, Any]:
     body: dict[str, Any] = {
         "next_batch": "s2",
-        "rooms": {"join": {ROOM: {"timeline": {"events": list(events), "limited": False,
-                                               "prev_batch": "p1"}}}},
-    }  # fmt: skip
+        "rooms": {
+            "join": {
+                ROOM: {"timeline": {"events": list(events), "limited": False, "prev_batch": "p1"}}
+            }
+        },
+    }
     if account_data is not None:
         body["account_data"] = {"events": account_data}
     return body
@@ -313,23 +316,29 @@ async def test_relations_of_an_ignored_parent_is_404(homeserver: FakeHomeserver)
 
 
 async def test_timestamp_to_event_steps_past_ignored_senders(homeserver: FakeHomeserver) -> None:
-    timeline_events = [message("$c0", CHARLIE, origin_server_ts=100),
-                       message("$b1", BOB, origin_server_ts=200),
-                       message("$b2", BOB, origin_server_ts=300),
-                       message("$c3", CHARLIE, origin_server_ts=400)]  # fmt: skip
+    timeline_events = [
+        message("$c0", CHARLIE, origin_server_ts=100),
+        message("$b1", BOB, origin_server_ts=200),
+        message("$b2", BOB, origin_server_ts=300),
+        message("$c3", CHARLIE, origin_server_ts=400),
+    ]
     for event in timeline_events:
         homeserver.answers[("GET", f"/rooms/{ROOM}/event/{event['event_id']}")] = event
 
     def nearest(request: httpx.Request) -> httpx.Response:
         ts = int(request.url.params["ts"])
         forward = request.url.params.get("dir", "f") == "f"
-        candidates = [e for e in timeline_events
-                      if (e["origin_server_ts"] >= ts if forward else e["origin_server_ts"] <= ts)]  # fmt: skip
+        candidates = [
+            e
+            for e in timeline_events
+            if (e["origin_server_ts"] >= ts if forward else e["origin_server_ts"] <= ts)
+        ]
         if not candidates:
             return httpx.Response(404, json={"errcode": "M_NOT_FOUND", "error": "none"})
         event = candidates[0] if forward else candidates[-1]
-        return httpx.Response(200, json={"event_id": event["event_id"],
-                                         "origin_server_ts": event["origin_server_ts"]})  # fmt: skip
+        return httpx.Response(
+            200, json={"event_id": event["event_id"], "origin_server_ts": event["origin_server_ts"]}
+        )
 
     homeserver.answers[("GET", f"/rooms/{ROOM}/timestamp_to_event")] = nearest
     app = build_app(homeserver)

@@ -62,9 +62,13 @@ def test_repeated_headers_survive_both_ways(
     app, _ = upstream
     response = httpx.get(
         proxy.url + "/headers",
-        headers=[("X-Forwarded-For", "10.0.0.1"), ("X-Forwarded-For", "10.0.0.2"),
-                 ("Host", "matrix.example.org"), ("X-Forwarded-Proto", "https")],
-    )  # fmt: skip
+        headers=[
+            ("X-Forwarded-For", "10.0.0.1"),
+            ("X-Forwarded-For", "10.0.0.2"),
+            ("Host", "matrix.example.org"),
+            ("X-Forwarded-Proto", "https"),
+        ],
+    )
     assert response.headers.get_list("set-cookie") == ["a=1; Path=/", "b=2; Path=/"]
     assert response.headers.get_list("x-multi") == ["one", "two"]
     sent = app.last().headers
@@ -79,9 +83,15 @@ def test_hop_by_hop_headers_are_dropped_both_ways(
     app, _ = upstream
     response = httpx.get(
         proxy.url + "/headers",
-        headers={"Connection": "keep-alive, X-Private", "X-Private": "1", "Keep-Alive": "5",
-                 "TE": "trailers", "Proxy-Authorization": "Basic eDp5", "X-Kept": "yes"},
-    )  # fmt: skip
+        headers={
+            "Connection": "keep-alive, X-Private",
+            "X-Private": "1",
+            "Keep-Alive": "5",
+            "TE": "trailers",
+            "Proxy-Authorization": "Basic eDp5",
+            "X-Kept": "yes",
+        },
+    )
     names = {name for name, _ in app.last().headers}
     assert b"x-kept" in names
     assert not names & {b"x-private", b"keep-alive", b"te", b"proxy-authorization"}
