@@ -67,7 +67,8 @@ def validate_put_body(body: bytes, own_user_id: str) -> frozenset[str] | PutReje
     try:
         content = msgspec.json.decode(body)
     except msgspec.DecodeError:
-        return PutRejection("M_NOT_JSON", "Content not JSON.")
+        # The contract: every malformed ignore-list write is M_BAD_JSON.
+        return PutRejection("M_BAD_JSON", "Content not JSON.")
     if not isinstance(content, dict):
         return PutRejection("M_BAD_JSON", "Content must be a JSON object.")
     if not content:

@@ -243,7 +243,9 @@ class Proxy:
         if load_list:
             try:
                 await self.ignore_lists.ensure_fresh(user_id, creds)
-            except IgnoreListUnavailable:
+            except IgnoreListUnavailable as exc:
+                if exc.status == 401:
+                    self.identity.forget_token(creds.access_token)
                 raise ListUnavailable from None
         return user_id
 
