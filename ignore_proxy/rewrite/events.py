@@ -14,7 +14,6 @@ import msgspec
 from .raw import (
     EMPTY,
     Raw,
-    as_bytes,
     decode_value,
     encode_array,
     encode_object,
@@ -119,23 +118,22 @@ def is_invite_for(head: Head, user_id: str) -> bool:
 class Run:
     """Per-call state: the context, what may be present in the body, what was removed."""
 
-    __slots__ = ("_mentions", "ctx", "ignored", "removed")
+    __slots__ = ("_search", "anything", "ctx", "ignored", "removed")
 
     def __init__(self, ctx: IgnoreContext, body: bytes) -> None:
         self.ctx = ctx
         self.ignored = ctx.ignored
         self.removed = 0
-        present = mentions_for(ctx.ignored).present(body, ctx.ignored) if ctx.ignored else None
-        self._mentions = mentions_for(present) if present else None
-
-    @property
-    def anything(self) -> bool:
+        full = mentions_for(ctx.ignored)
+        escapes = full.escapes_in(body)
+        present = ctx.ignored if escapes else full.present(body, ctx.ignored)
+        self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""
-        return self._mentions is not None
+        self._search = mentions_for(present).pattern(escapes).search
 
     def relevant(self, raw: Raw | bytes) -> bool:
         """False if this part of the body certainly mentions no ignored user."""
-        return self._mentions is not None and self._mentions.in_bytes(as_bytes(raw))
+        return self._search(raw) is not None
 
     def hides(self, head: Head) -> bool:
         """Is this an ignored sender's non-state event?"""

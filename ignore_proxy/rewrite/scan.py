@@ -62,7 +62,7 @@ def _escape_alternatives(chars: Iterable[str]) -> list[str]:
 class Mentions:
     """A compiled search for a set of user IDs (cache one per ignore list)."""
 
-    __slots__ = ("_escapes", "_needles", "always")
+    __slots__ = ("_alternatives", "_escapes", "_needles", "_patterns", "always")
 
     def __init__(self, user_ids: Iterable[str]) -> None:
         ids = sorted(set(user_ids))
@@ -77,7 +77,25 @@ class Mentions:
         self._needles = tuple(needles)
         chars = {ch for uid in ids for ch in uid}
         alternatives = _escape_alternatives(chars)
+        self._alternatives = alternatives
         self._escapes = re.compile("|".join(alternatives).encode("ascii")) if alternatives else None
+        self._patterns: dict[bool, re.Pattern[bytes]] = {}
+
+    def pattern(self, escapes: bool) -> re.Pattern[bytes]:
+        """One regex for the IDs' minimal spellings (and, if ``escapes``, for every escape
+        sequence that may spell one of their characters). It searches any buffer
+        (``msgspec.Raw`` included) without copying it."""
+        if escapes in self._patterns:
+            return self._patterns[escapes]
+        if self.always:
+            compiled = re.compile(b"")
+        else:
+            parts = [re.escape(n) for n in self._needles]
+            if escapes:
+                parts += [a.encode("ascii") for a in self._alternatives]
+            compiled = re.compile(b"|".join(parts)) if parts else re.compile(b"(?!)")
+        self._patterns[escapes] = compiled
+        return compiled
 
     def in_bytes(self, data: bytes) -> bool:
         """True unless ``data`` certainly contains none of the IDs."""
