@@ -15,6 +15,7 @@ from starlette.types import Receive, Scope, Send
 from .config import Settings
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
+from .metrics import Metrics
 from .proxy import Proxy
 from .upstream import create_client
 
@@ -38,7 +39,9 @@ class IgnoreProxyApp:
         self.ignore_lists = IgnoreListStore(
             self.client, ttl=settings.ignore.list_ttl, max_users=settings.ignore.list_cache_size
         )
-        self.proxy = Proxy(settings, self.client, self.identity, self.ignore_lists)
+        self.metrics = Metrics()
+        self.metrics.watch_caches(self.identity, self.ignore_lists)
+        self.proxy = Proxy(settings, self.client, self.identity, self.ignore_lists, self.metrics)
         self.own = Starlette(
             routes=[
                 Route(OWN_PREFIX + "health/live", self.live),

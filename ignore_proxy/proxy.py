@@ -5,6 +5,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from urllib.parse import parse_qsl
@@ -17,6 +19,8 @@ from .config import Settings
 from .errors import error_body, send_error, send_json
 from .identity import Credentials, IdentityResolver, IdentityUnavailable, credentials_from_request
 from .ignore_lists import IgnoreListStore, IgnoreListUnavailable, PutRejection, validate_put_body
+from .logs import log_request
+from .metrics import PASSTHROUGH, Metrics
 from .responses import BodyTooLarge, read_body, relay, send_rewritten
 from .routes import RouteMatch, match
 from .upstream import build_request, forwardable, timeout_for, upstream_url
@@ -49,9 +53,13 @@ class _Exchange:
     body_done: asyncio.Event = field(default_factory=asyncio.Event)
     response_done: bool = False
     client_gone: bool = False
+    route: str = PASSTHROUGH  # the route class, for logs and metrics
+    status: int = 0
 
     async def send(self, message: Message) -> None:
-        if message["type"] == "http.response.body" and not message.get("more_body", False):
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        elif not message.get("more_body", False):
             self.response_done = True
         await self.send_raw(message)
 
@@ -115,12 +123,13 @@ class Proxy:
         client: httpx.AsyncClient,
         identity: IdentityResolver,
         ignore_lists: IgnoreListStore,
+        metrics: Metrics,
     ) -> None:
         self.settings = settings
         self.client = client
         self.identity = identity
         self.ignore_lists = ignore_lists
-        self.list_unavailable = 0
+        self.metrics = metrics
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -128,6 +137,7 @@ class Proxy:
         exchange = _Exchange(receive, send, self.settings.limits.max_request_body)
         if not _has_body(scope["headers"]):
             exchange.body_done.set()
+        started = time.perf_counter()
         handler = asyncio.current_task()
         assert handler is not None
         watcher = asyncio.create_task(exchange.watch_disconnect(handler))
@@ -141,6 +151,15 @@ class Proxy:
             return
         finally:
             watcher.cancel()
+            status = exchange.status if exchange.status else "disconnected"
+            self.metrics.requests.labels(exchange.route, str(status)).inc()
+            log_request(
+                scope["method"],
+                exchange.route,
+                status,
+                time.perf_counter() - started,
+                _request_id(scope["headers"]),
+            )
 
     async def _handle(self, scope: Scope, exchange: _Exchange) -> None:
         method: str = scope["method"]
@@ -158,6 +177,7 @@ class Proxy:
         found = match(method, raw_path)
         call = None
         if found is not None:
+            exchange.route = found.route.name
             call = _Call(exchange, found, query, credentials_from_request(headers, query))
             if found.route.ignore_list_write and method == "PUT":
                 checked = await self._checked_ignore_list(call)
@@ -177,6 +197,10 @@ class Proxy:
                 body,
                 timeout_for(self.settings, query),
             )
+            long_poll = b"timeout=" in query
+            if long_poll:
+                self.metrics.long_polls.inc()
+            sent = time.perf_counter()
             try:
                 response = await self.client.send(request, stream=True)
             except RequestTooLarge:
@@ -185,6 +209,10 @@ class Proxy:
             except httpx.TransportError as exc:
                 await _send_upstream_error(exchange.send, exc)
                 return
+            finally:
+                if long_poll:
+                    self.metrics.long_polls.dec()
+            self.metrics.upstream_latency.labels(exchange.route).observe(time.perf_counter() - sent)
             try:
                 if response.status_code == 401 and call is not None and call.creds is not None:
                     self.identity.forget_token(call.creds.access_token)
@@ -300,7 +328,7 @@ class Proxy:
         try:
             user_id = await user
         except ListUnavailable:
-            self.list_unavailable += 1
+            self.metrics.list_unavailable.inc()
             if self.settings.ignore.on_unavailable == "pass":
                 await relay(send, response)
             else:
@@ -356,15 +384,23 @@ class Proxy:
             return
         assert route.rewriter is not None
         context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
+        started = time.perf_counter()
         try:
             rewritten = route.rewriter(body, context)
         except rewrite.SenderIgnored as exc:
+            self.metrics.events_removed.labels(route.name).inc()
             await self._send_sender_ignored(call, exc.sender)
             return
         except rewrite.InvalidBody:
             await send_error(send, 502, "M_UNKNOWN", "The homeserver sent a malformed answer")
             return
-        await send_rewritten(send, response, body if rewritten is None else rewritten.body)
+        self.metrics.rewrite_seconds.labels(route.name).observe(time.perf_counter() - started)
+        self.metrics.rewrite_bytes.labels(route.name).inc(len(body))
+        if rewritten is None:
+            await send_rewritten(send, response, body)
+        else:
+            self.metrics.events_removed.labels(route.name).inc(rewritten.removed)
+            await send_rewritten(send, response, rewritten.body)
 
     async def _send_sender_ignored(self, call: _Call, sender: str | None) -> None:
         message = "You have ignored the user that sent this event"
@@ -387,6 +423,16 @@ class Proxy:
         except httpx.TransportError as exc:
             await _send_upstream_error(call.exchange.send, exc)
         return None
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's (or nginx's) X-Request-ID if it looks like one, else a new one."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and 0 < len(value) <= 128:
+            text = value.decode("latin-1")
+            if text.isascii() and text.replace("-", "").replace("_", "").isalnum():
+                return text
+    return os.urandom(8).hex()
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

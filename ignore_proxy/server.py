@@ -3,10 +3,10 @@
 from __future__ import annotations
 
 import importlib.util
-import logging
 
 import uvicorn
 
+from . import logs
 from .app import create_app
 from .config import Settings
 
@@ -32,8 +32,5 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
 
 
 def serve(settings: Settings) -> None:
-    logging.basicConfig(
-        level=settings.logging.level.upper(),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    logs.configure(settings)
     uvicorn.Server(uvicorn_config(settings)).run()

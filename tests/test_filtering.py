@@ -239,7 +239,10 @@ async def test_unavailable_list_refuses_rather_than_leaks(homeserver: FakeHomese
     assert response.status_code == 503
     assert response.json()["errcode"] == "M_UNKNOWN"
     assert "retry-after" in response.headers
-    assert app.proxy.list_unavailable == 1
+    unavailable = app.metrics.registry.get_sample_value(
+        "ignore_proxy_ignore_list_unavailable_total"
+    )
+    assert unavailable == 1
 
     passing = build_app(homeserver, ignore_on_unavailable="pass")
     async with client_for(passing, "alice-token") as alice:

@@ -1,0 +1,95 @@
+"""Prometheus metrics. Served on their own listener (config `metrics.listen`), never on
+the address nginx exposes. Label values are route classes and status codes only: never a
+user, a token or a path."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+from .identity import IdentityResolver
+from .ignore_lists import IgnoreListStore
+
+PASSTHROUGH = "passthrough"  # the route class of everything not in the route table
+
+_LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
+_REWRITE_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1)
+
+
+class Metrics:
+    def __init__(self, registry: CollectorRegistry | None = None) -> None:
+        self.registry = registry or CollectorRegistry()
+        r = self.registry
+        self.requests = Counter(
+            "ignore_proxy_requests", "Requests answered, by route class and status",
+            ["route", "status"], registry=r,
+        )  # fmt: skip
+        self.upstream_latency = Histogram(
+            "ignore_proxy_upstream_latency_seconds",
+            "Time until the homeserver's answer headers arrived, by route class",
+            ["route"], buckets=_LATENCY_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rewrite_seconds = Histogram(
+            "ignore_proxy_rewrite_seconds", "Time spent rewriting answers, by route class",
+            ["route"], buckets=_REWRITE_BUCKETS, registry=r,
+        )  # fmt: skip
+        self.rewrite_bytes = Counter(
+            "ignore_proxy_rewrite_bytes", "Bytes of answers rewritten, by route class",
+            ["route"], registry=r,
+        )  # fmt: skip
+        self.events_removed = Counter(
+            "ignore_proxy_events_removed",
+            "Events (and invites, receipts, thread summaries) removed, by route class",
+            ["route"], registry=r,
+        )  # fmt: skip
+        self.list_unavailable = Counter(
+            "ignore_proxy_ignore_list_unavailable",
+            "Requests whose user's ignore list could not be learned (answered 503 or passed)",
+            registry=r,
+        )
+        self.long_polls = Gauge(
+            "ignore_proxy_long_polls_in_flight", "Requests with ?timeout= waiting upstream",
+            registry=r,
+        )  # fmt: skip
+
+    def watch_caches(self, identity: IdentityResolver, ignore_lists: IgnoreListStore) -> None:
+        self.registry.register(_CacheCollector(identity, ignore_lists))
+
+
+class _CacheCollector(Collector):
+    """Reads the caches' own counters at scrape time: nothing on the request path."""
+
+    def __init__(self, identity: IdentityResolver, ignore_lists: IgnoreListStore) -> None:
+        self.identity = identity
+        self.ignore_lists = ignore_lists
+
+    def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+        identity = CounterMetricFamily(
+            "ignore_proxy_identity_cache", "Token lookups by result", labels=["result"]
+        )
+        identity.add_metric(["hit"], self.identity.hits)
+        identity.add_metric(["miss"], self.identity.misses)
+        identity.add_metric(["failure"], self.identity.failures)
+        yield identity
+        yield CounterMetricFamily(
+            "ignore_proxy_whoami_requests", "whoami requests sent upstream",
+            value=self.identity.lookups,
+        )  # fmt: skip
+        lists = CounterMetricFamily(
+            "ignore_proxy_ignore_list_reads", "Ignore-list reads from the homeserver by result",
+            labels=["result"],
+        )  # fmt: skip
+        lists.add_metric(["ok"], self.ignore_lists.loads - self.ignore_lists.failures)
+        lists.add_metric(["failure"], self.ignore_lists.failures)
+        yield lists
+        yield GaugeMetricFamily(
+            "ignore_proxy_ignore_lists_cached", "Users whose ignore list is in memory",
+            value=len(self.ignore_lists),
+        )  # fmt: skip
+        yield GaugeMetricFamily(
+            "ignore_proxy_identities_cached", "Tokens whose user is in memory",
+            value=len(self.identity),
+        )  # fmt: skip
