@@ -13,7 +13,7 @@ the stdlib scanner, which also yields exact byte slices of its input.
 from __future__ import annotations
 
 import json
-from typing import Any
+from typing import Any, cast
 
 import msgspec
 
@@ -23,6 +23,7 @@ __all__ = [
     "decode_value",
     "encode_array",
     "encode_object",
+    "render",
     "split_array",
     "split_object",
     "top_object",
@@ -158,8 +159,21 @@ def decode_value(data: Raw | bytes) -> Any:
 
 
 def encode_object(members: dict[str, Raw]) -> Raw:
-    return Raw(_encoder.encode(members))
+    """A changed object, to take the place of its raw original.
+
+    It is not serialised here: it stays the Python dict of (mostly raw) members, typed
+    as Raw for its parent, until ``render`` serialises the whole tree in one pass. Each
+    level re-encoding its children would copy the body once per level. A changed
+    container is never split again (each member is edited at most once).
+    """
+    return cast(Raw, members)
 
 
 def encode_array(items: list[Raw]) -> Raw:
-    return Raw(_encoder.encode(items))
+    """A changed array, see ``encode_object``."""
+    return cast(Raw, items)
+
+
+def render(node: Raw | dict[str, Raw] | list[Raw]) -> bytes:
+    """Serialise a (possibly changed) tree of raw values in one pass."""
+    return _encoder.encode(node)

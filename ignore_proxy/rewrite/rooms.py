@@ -9,6 +9,7 @@ from .raw import (
     decode_value,
     encode_array,
     encode_object,
+    render,
     split_array,
     split_object,
     top_object,
@@ -96,7 +97,7 @@ def rewrite_single_event(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     if new is None:
         return None
     del top
-    return Rewritten(bytes(memoryview(new)), run.removed)
+    return Rewritten(render(new), run.removed)
 
 
 def _threads_chunk(raw: Raw, run: Run) -> Raw | None:

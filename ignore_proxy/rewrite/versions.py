@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .raw import Raw, encode_object, split_object, top_object
+from .raw import Raw, encode_object, render, split_object, top_object
 
 __all__ = ["MSC4406_FEATURE", "add_msc4406_feature"]
 
@@ -30,4 +30,4 @@ def add_msc4406_feature(body: bytes) -> bytes:
         return body
     features[MSC4406_FEATURE] = Raw(_TRUE)
     top["unstable_features"] = encode_object(features)
-    return bytes(memoryview(encode_object(top)))
+    return render(top)

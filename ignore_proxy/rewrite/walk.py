@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from .events import Run
-from .raw import Raw, encode_object, split_object, top_object
+from .raw import Raw, encode_object, render, split_object, top_object
 from .types import IgnoreContext, Rewritten
 
 __all__ = ["edit", "edit_in", "finish", "start"]
@@ -44,4 +44,4 @@ def start(body: bytes, ctx: IgnoreContext) -> tuple[dict[str, Raw], Run] | None:
 def finish(top: dict[str, Raw], run: Run, changed: bool) -> Rewritten | None:
     if not changed:
         return None
-    return Rewritten(bytes(memoryview(encode_object(top))), run.removed)
+    return Rewritten(render(top), run.removed)
