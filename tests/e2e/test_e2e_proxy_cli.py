@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from pathlib import Path
 
 import httpx
@@ -66,3 +67,20 @@ async def test_unstable_errcode_from_environment(stack: Stack, tmp_path: Path) -
                 await bob.close()
     finally:
         proxy.stop()
+
+
+async def test_nginx_reuses_idle_upstream_connection(stack: Stack) -> None:
+    """nginx keeps upstream connections to the proxy alive; after an idle gap longer than
+    uvicorn's default keep-alive (5 s) a POST must not hit a closed connection (502)."""
+    nginx = stack.nginx("no-ignore", "ignore-proxy-all-client.conf")
+    login = {
+        "type": "m.login.password",
+        "identifier": {"type": "m.id.user", "user": "nobody"},
+        "password": "wrong",
+    }
+    async with httpx.AsyncClient(trust_env=False, timeout=10) as client:
+        first = await client.post(f"{nginx.url}{CS}/login", json=login)
+        assert first.status_code == 403, first.text
+        await asyncio.sleep(6)
+        second = await client.post(f"{nginx.url}{CS}/login", json=login)
+        assert second.status_code == 403, second.text
