@@ -14,15 +14,18 @@ def _section_events(
     room: dict[str, Raw], key: str, run: Run, *, keep_all: bool = False, ephemeral: bool = False
 ) -> bool:
     """Filter ``room[key].events``."""
-    return edit(
-        room,
-        key,
-        lambda section: edit_in(
-            section,
-            "events",
-            lambda events: filter_events(events, run, keep_all=keep_all, ephemeral=ephemeral),
-        ),
+    section = room.get(key)
+    if section is None or not run.relevant(section):
+        return False
+    new = edit_in(
+        section,
+        "events",
+        lambda events: filter_events(events, run, keep_all=keep_all, ephemeral=ephemeral),
     )
+    if new is None:
+        return False
+    room[key] = new
+    return True
 
 
 def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
