@@ -6,9 +6,17 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
+from starlette.types import Receive, Scope, Send
 
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
@@ -93,3 +101,27 @@ class _CacheCollector(Collector):
             "ignore_proxy_identities_cached", "Tokens whose user is in memory",
             value=len(self.identity),
         )  # fmt: skip
+
+
+class MetricsEndpoint:
+    """The ASGI app of the metrics listener: `GET /metrics` in Prometheus' text format,
+    404 for anything else. It is served on its own address, never by the proxy's app."""
+
+    def __init__(self, registry: CollectorRegistry) -> None:
+        self.registry = registry
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            return
+        if scope["path"] != "/metrics":
+            status, content_type, body = 404, b"text/plain; charset=utf-8", b"Not Found\n"
+        elif scope["method"] not in ("GET", "HEAD"):
+            status, content_type, body = 405, b"text/plain; charset=utf-8", b"Method Not Allowed\n"
+        else:
+            status, content_type = 200, CONTENT_TYPE_LATEST.encode()
+            body = generate_latest(self.registry)
+        headers = [(b"content-type", content_type), (b"content-length", b"%d" % len(body))]
+        await send({"type": "http.response.start", "status": status, "headers": headers})
+        await send(
+            {"type": "http.response.body", "body": b"" if scope["method"] == "HEAD" else body}
+        )

@@ -1,20 +1,28 @@
-"""Serving the app with uvicorn, tuned for a reverse proxy's position."""
+"""Serving the app with uvicorn, tuned for a reverse proxy's position, and the metrics
+on their own listener in the same process and event loop."""
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import importlib.util
+import signal
+from collections.abc import Callable, Iterator
 
 import uvicorn
 
 from . import logs
-from .app import create_app
-from .config import Settings
+from .app import IgnoreProxyApp, create_app
+from .config import Settings, parse_host_port
+from .metrics import MetricsEndpoint
+
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 
 
-def uvicorn_config(settings: Settings) -> uvicorn.Config:
+def uvicorn_config(settings: Settings, app: IgnoreProxyApp | None = None) -> uvicorn.Config:
     host, port = settings.listen_address
     return uvicorn.Config(
-        create_app(settings),
+        app if app is not None else create_app(settings),
         host=host,
         port=port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
@@ -31,6 +39,75 @@ def uvicorn_config(settings: Settings) -> uvicorn.Config:
     )
 
 
+def metrics_config(settings: Settings, app: IgnoreProxyApp) -> uvicorn.Config:
+    """The metrics listener: `/metrics` of the app's registry, nothing else."""
+    host, port = parse_host_port(settings.metrics.listen)
+    return uvicorn.Config(
+        MetricsEndpoint(app.metrics.registry),
+        host=host,
+        port=port,
+        http="h11",
+        lifespan="off",
+        server_header=False,
+        access_log=False,
+        log_config=None,
+    )
+
+
+class Listener(uvicorn.Server):
+    """A uvicorn server that leaves signals to `serve_all`, which stops every listener."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield
+
+
+def listeners(settings: Settings) -> list[Listener]:
+    app = create_app(settings)
+    servers = [Listener(uvicorn_config(settings, app))]
+    if settings.metrics.listen:
+        servers.append(Listener(metrics_config(settings, app)))
+    return servers
+
+
+async def serve_all(servers: list[Listener]) -> None:
+    """Run the listeners side by side; SIGTERM or SIGINT (or one of them stopping) stops
+    all of them gracefully, a second signal at once."""
+
+    def stop() -> None:
+        for server in servers:
+            if server.should_exit:
+                server.force_exit = True
+            server.should_exit = True
+
+    async def run(server: Listener) -> None:
+        try:
+            await server.serve()
+        finally:
+            for other in servers:
+                other.should_exit = True
+
+    loop = asyncio.get_running_loop()
+    for sig in _STOP_SIGNALS:
+        loop.add_signal_handler(sig, stop)
+    try:
+        await asyncio.gather(*(run(server) for server in servers))
+    finally:
+        for sig in _STOP_SIGNALS:
+            loop.remove_signal_handler(sig)
+
+
+def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
+    if importlib.util.find_spec("uvloop") is None:
+        return None
+    import uvloop
+
+    factory: Callable[[], asyncio.AbstractEventLoop] = uvloop.new_event_loop
+    return factory
+
+
 def serve(settings: Settings) -> None:
     logs.configure(settings)
-    uvicorn.Server(uvicorn_config(settings)).run()
+    servers = listeners(settings)
+    with asyncio.Runner(loop_factory=_loop_factory()) as runner:
+        runner.run(serve_all(servers))
