@@ -7,6 +7,8 @@ input bytes". Only what a decision needs is ever decoded.
 
 from __future__ import annotations
 
+from bisect import bisect_right
+from itertools import accumulate
 from typing import Any, Final
 
 import msgspec
@@ -118,7 +120,7 @@ def is_invite_for(head: Head, user_id: str) -> bool:
 class Run:
     """Per-call state: the context, what may be present in the body, what was removed."""
 
-    __slots__ = ("_search", "anything", "ctx", "ignored", "removed")
+    __slots__ = ("_finditer", "_search", "always", "anything", "ctx", "ignored", "removed")
 
     def __init__(self, ctx: IgnoreContext, body: bytes) -> None:
         self.ctx = ctx
@@ -129,11 +131,30 @@ class Run:
         present = ctx.ignored if escapes else full.present(body, ctx.ignored)
         self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""
-        self._search = mentions_for(present).pattern(escapes).search
+        mentions = mentions_for(present)
+        self.always = mentions.always
+        pattern = mentions.pattern(escapes)
+        self._search = pattern.search
+        self._finditer = pattern.finditer
 
     def relevant(self, raw: Raw | bytes) -> bool:
         """False if this part of the body certainly mentions no ignored user."""
         return self._search(raw) is not None
+
+    def relevant_items(self, raw: Raw, items: list[Raw]) -> set[int] | None:
+        """Indexes of the items of array ``raw`` that may mention an ignored user, found
+        with one search over the array; None if the array is not written compactly
+        (item offsets unknown: check items one by one)."""
+        if self.always:
+            return None
+        before = list(accumulate(map(len, items), initial=0))  # item lengths before i
+        if before[-1] + max(len(items) - 1, 0) + 2 != len(raw):
+            return None
+        # item i starts at 1 + before[i] + i (one "[" and i commas before it)
+        return {
+            bisect_right(range(len(items)), m.start(), key=lambda i: 1 + before[i] + i) - 1
+            for m in self._finditer(raw)
+        }
 
     def hides(self, head: Head) -> bool:
         """Is this an ignored sender's non-state event?"""
@@ -303,8 +324,9 @@ def filter_events(
     out: list[Raw] = []
     changed = False
     ephemeral = ephemeral and run.ctx.filter_ephemeral
-    for item in items:
-        if not run.relevant(item):
+    relevant = run.relevant_items(raw, items)
+    for index, item in enumerate(items):
+        if not (run.relevant(item) if relevant is None else index in relevant):
             out.append(item)
             continue
         head = head_of(item)

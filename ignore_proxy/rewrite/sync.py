@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from .events import Run, filter_events, head_of, is_invite_for
-from .raw import Raw, encode_object, split_array, split_object
+from .raw import Raw, encode_object, split_array, split_object, split_object2
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
@@ -31,6 +31,26 @@ def _section_events(
 def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     if not run.relevant(raw):
         return None
+    sections = split_object2(raw)
+    if sections is None:
+        return _room_by_levels(raw, run, joined=joined)
+    ephemeral = joined and run.ctx.filter_ephemeral
+    changed = False
+    for key, keep_all in _SECTIONS:
+        section = sections.get(key)
+        if section is None or (key == "ephemeral" and not ephemeral) or "events" not in section:
+            continue
+        new = filter_events(section["events"], run, keep_all=keep_all, ephemeral=key == "ephemeral")
+        if new is not None:
+            section["events"] = new
+            changed = True
+    return encode_object(sections) if changed else None
+
+
+_SECTIONS = (("timeline", False), ("state", True), ("state_after", True), ("ephemeral", True))
+
+
+def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     room = split_object(raw)
     if room is None:
         return None
@@ -48,10 +68,14 @@ def _rooms(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     rooms = split_object(raw)
     if rooms is None:
         return None
+    return encode_object(rooms) if _rooms_in(rooms, run, joined=joined) else None
+
+
+def _rooms_in(rooms: dict[str, Raw], run: Run, *, joined: bool) -> bool:
     changed = False
     for room_id in rooms:
         changed |= edit(rooms, room_id, lambda room: _room(room, run, joined=joined))
-    return encode_object(rooms) if changed else None
+    return changed
 
 
 def invite_is_hidden(events: Raw, run: Run) -> bool:
@@ -74,6 +98,10 @@ def _invites(raw: Raw, run: Run) -> Raw | None:
     rooms = split_object(raw)
     if rooms is None:
         return None
+    return encode_object(rooms) if _invites_in(rooms, run) else None
+
+
+def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
     hidden = []
     for room_id, room_raw in rooms.items():
         room = split_object(room_raw) if run.relevant(room_raw) else None
@@ -84,12 +112,10 @@ def _invites(raw: Raw, run: Run) -> Raw | None:
             continue
         if invite_is_hidden(invite_state["events"], run):
             hidden.append(room_id)
-    if not hidden:
-        return None
     for room_id in hidden:
         del rooms[room_id]
     run.removed += len(hidden)
-    return encode_object(rooms)
+    return bool(hidden)
 
 
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -108,6 +134,18 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
         return None
+    sections = split_object2(rooms_raw)
+    if sections is not None:
+        changed = False
+        if "join" in sections:
+            changed |= _rooms_in(sections["join"], run, joined=True)
+        if "leave" in sections:
+            changed |= _rooms_in(sections["leave"], run, joined=False)
+        if "invite" in sections:
+            changed |= _invites_in(sections["invite"], run)
+        if changed:
+            top["rooms"] = encode_object(sections)
+        return finish(top, run, changed)
     rooms = split_object(rooms_raw)
     if rooms is None:
         return None
