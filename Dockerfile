@@ -1,0 +1,46 @@
+# ignore-proxy: a Matrix client-server reverse proxy that enforces "ignore user" semantics.
+#
+#   docker build -t ignore-proxy .
+#   docker run -d --name ignore-proxy -p 127.0.0.1:8010:8010 \
+#     -e IGNORE_PROXY_UPSTREAM=http://homeserver:8008 ignore-proxy
+#
+# Configured entirely by IGNORE_PROXY_* environment variables, or by a TOML file mounted
+# into the container and named by IGNORE_PROXY_CONFIG, e.g.
+#   -v ./ignore-proxy.toml:/etc/ignore-proxy/ignore-proxy.toml:ro \
+#   -e IGNORE_PROXY_CONFIG=/etc/ignore-proxy/ignore-proxy.toml
+# (environment variables win over the file; see config/ignore-proxy.toml for every key).
+#
+# tests/test_docker.py checks this file's invariants and replays its build and install
+# steps without a Docker engine: keep every RUN step runnable outside a container too.
+
+FROM python:3.12-slim-bookworm AS build
+WORKDIR /src
+COPY pyproject.toml README.md ./
+COPY ignore_proxy ./ignore_proxy
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
+
+FROM python:3.12-slim-bookworm
+ENV PYTHONDONTWRITEBYTECODE=1 \
+    PYTHONUNBUFFERED=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+COPY --from=build /wheels /wheels
+RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+
+# All interfaces inside the container; publish the port on the host as you need it.
+# 8010 clashes with none of Synapse/Dendrite (8008), Conduit/continuwuity (6167),
+# federation (8448) or pantalaimon and the sliding-sync proxy (8009).
+ENV IGNORE_PROXY_LISTEN=0.0.0.0:8010
+EXPOSE 8010
+# The Prometheus listener is off unless IGNORE_PROXY_METRICS_LISTEN is set (e.g.
+# 0.0.0.0:9010); publish that port only to your monitoring network, never through nginx.
+
+# No shell, no home, no files of its own: a fixed uid that is not root.
+USER 10010:10010
+WORKDIR /
+
+STOPSIGNAL SIGTERM
+# Slim images have no curl: the program checks itself (GET /_ignore_proxy/health/live).
+HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
+    CMD ["ignore-proxy", "healthcheck"]
+ENTRYPOINT ["ignore-proxy"]
+CMD ["serve"]
