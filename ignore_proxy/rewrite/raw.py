@@ -229,4 +229,18 @@ def encode_array(items: list[Raw]) -> Raw:
 
 def render(node: Raw | dict[str, Raw] | list[Raw]) -> bytes:
     """Serialise a (possibly changed) tree of raw values in one pass."""
-    return _encoder.encode(node)
+    try:
+        return _encoder.encode(node)
+    except (UnicodeEncodeError, msgspec.EncodeError):
+        # a key with a lone surrogate (only the stdlib fallback can produce one)
+        return _slow_render(node)
+
+
+def _slow_render(node: object) -> bytes:
+    if isinstance(node, dict):
+        members = (json.dumps(k).encode() + b":" + _slow_render(v) for k, v in node.items())
+        return b"{" + b",".join(members) + b"}"
+    if isinstance(node, list):
+        return b"[" + b",".join(_slow_render(v) for v in node) + b"]"
+    assert isinstance(node, Raw)
+    return bytes(memoryview(node))

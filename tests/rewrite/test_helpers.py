@@ -79,7 +79,10 @@ def test_ignored_users_from_sync() -> None:
     assert ignored_users_from_sync(dumps({"account_data": {"events": "x"}})) is None
     assert ignored_users_from_sync(b"garbage") is None
     # escaped keys are decoded
-    raw = b'{"account_data":{"events":[{"type":"m.ignored_user_list","content":{"ignored_users":{"\\u0040spam:evil.example":{}}}}]}}'
+    raw = (
+        b'{"account_data":{"events":[{"type":"m.ignored_user_list",'
+        b'"content":{"ignored_users":{"\\u0040spam:evil.example":{}}}}]}}'
+    )
     assert ignored_users_from_sync(raw) == {SPAM}
 
 

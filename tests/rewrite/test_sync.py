@@ -96,7 +96,10 @@ def test_state_state_after_presence_account_data_to_device_untouched() -> None:
 
 def test_untouched_parts_are_byte_identical() -> None:
     keep = dumps(event(ALICE, content={"body": "\u00e9 ☃", "n": 1}))
-    odd = b'{"type":"m.room.message","sender":"@bob:x","event_id":"$odd",  "content":{"big":123456789012345678901234567890123}}'
+    odd = (
+        b'{"type":"m.room.message","sender":"@bob:x","event_id":"$odd",  '
+        b'"content":{"big":123456789012345678901234567890123}}'
+    )
     drop = dumps(event(SPAM))
     other_room = b'{ "timeline" : {"events": [ ] , "limited" : false} }'
     body = (
@@ -211,8 +214,14 @@ def test_sender_spelled_with_escapes_is_recognised() -> None:
 
 
 def test_lone_surrogates_do_not_break_filtering() -> None:
-    keep = b'{"type":"m.room.message","sender":"@alice:example.org","event_id":"$k","content":{"body":"\\ud800 x"}}'
-    drop = b'{"type":"m.room.message","sender":"@spam:evil.example","event_id":"$d","content":{"body":"\\udfff"}}'
+    keep = (
+        b'{"type":"m.room.message","sender":"@alice:example.org","event_id":"$k",'
+        b'"content":{"body":"\\ud800 x"}}'
+    )
+    drop = (
+        b'{"type":"m.room.message","sender":"@spam:evil.example","event_id":"$d",'
+        b'"content":{"body":"\\udfff"}}'
+    )
     keep2 = b'{"type":"m.room.message","sender":"@bob:x","event_id":"$k2","content":{}}'
     body = (
         b'{"next_batch":"\\ud83d","rooms":{"join":{"!a:x":{"timeline":{"events":['

@@ -1,0 +1,77 @@
+"""The JSON splitting layer: fallbacks and byte identity of untouched siblings."""
+
+from __future__ import annotations
+
+import json
+
+from ignore_proxy.rewrite import rewrite_messages, rewrite_sync
+from ignore_proxy.rewrite.raw import split_object2
+from tests.rewrite.factories import CTX
+
+SPAM_EV = b'{"type":"m.room.message","sender":"@spam:evil.example","content":{}}'
+OK_EV = b'{"type":"m.room.message","sender":"@alice:example.org","content":{}}'
+
+
+def test_split_object2_only_for_compact_minimal_text() -> None:
+    assert split_object2(b'{"a":{"b":1,"c":[1, 2]},"d":{}}') is not None
+    assert split_object2(b"{}") == {}
+    for text in [
+        b'{"a":{"b":1} }',
+        b'{"a":{"b":1,"b":2}}',
+        b'{"a":{},"a":{}}',
+        b'{"\\u0061":{}}',
+        b'{"a":{"\\/":1}}',
+        b'{"a":1}',
+        b"[]",
+    ]:
+        assert split_object2(text) is None, text
+
+
+def _sync(rooms: bytes) -> bytes:
+    return b'{"rooms":' + rooms + b',"next_batch":"x"}'
+
+
+def test_non_compact_rooms_keep_untouched_siblings_byte_identical() -> None:
+    leave = b'{ "!l:x" : { "timeline" : { "events" : [ ] } } }'
+    other_room = b'{"timeline":{"events":[' + OK_EV + b']} , "state" : {"events": []}}'
+    join = (
+        b'{"!a:x":{"timeline":{"events":['
+        + SPAM_EV
+        + b","
+        + OK_EV
+        + b']}},"!b:x":'
+        + other_room
+        + b"}"
+    )
+    for rooms in [
+        b'{"join":' + join + b',"leave":' + leave + b"}",
+        b'{"join":' + join + b', "leave":' + leave + b"}",
+        b'{"leave":' + leave + b',"\\u006aoin":' + join + b"}",
+    ]:
+        out = rewrite_sync(_sync(rooms), CTX)
+        assert out is not None and out.removed == 1
+        assert leave in out.body and other_room in out.body and OK_EV in out.body
+        assert SPAM_EV not in out.body
+
+
+def test_room_sections_non_compact() -> None:
+    state = b'{ "events" : [ ] }'
+    room = b'{"timeline":{"events":[' + SPAM_EV + b']},"state":' + state + b"}"
+    out = rewrite_sync(_sync(b'{"join":{"!a:x":' + room + b"}}"), CTX)
+    assert out is not None
+    assert state in out.body
+    assert json.loads(out.body)["rooms"]["join"]["!a:x"]["timeline"]["events"] == []
+
+
+def test_non_compact_event_arrays() -> None:
+    body = b'{"chunk":[ ' + OK_EV + b" ,\n" + SPAM_EV + b" , " + OK_EV + b" ]}"
+    out = rewrite_messages(body, CTX)
+    assert out is not None and out.removed == 1
+    assert json.loads(out.body)["chunk"] == [json.loads(OK_EV)] * 2
+
+
+def test_keys_with_lone_surrogates_can_be_written() -> None:
+    rooms = b'{"join":{"!\\ud800:x":{"timeline":{"events":[' + SPAM_EV + b"]}}}}"
+    out = rewrite_sync(_sync(rooms), CTX)
+    assert out is not None
+    assert json.loads(out.body)["rooms"]["join"] == {"!\ud800:x": {"timeline": {"events": []}}}
