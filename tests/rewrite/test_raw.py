@@ -64,7 +64,8 @@ def test_room_sections_non_compact() -> None:
 
 
 def test_non_compact_event_arrays() -> None:
-    body = b'{"chunk":[ ' + OK_EV + b" ,\n" + SPAM_EV + b" , " + OK_EV + b" ]}"
+    pad = b" " * 300
+    body = b'{"chunk":[' + pad + OK_EV + b",\n" + pad + SPAM_EV + pad + b"," + OK_EV + b" ]}"
     out = rewrite_messages(body, CTX)
     assert out is not None and out.removed == 1
     assert json.loads(out.body)["chunk"] == [json.loads(OK_EV)] * 2
