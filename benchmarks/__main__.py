@@ -1,0 +1,292 @@
+"""`python -m benchmarks [--quick]`: the proxy against nginx on canned homeserver answers.
+
+Starts nginx (a canned upstream serving files, and a plain `proxy_pass` to it), the proxy
+through its real command line, and wrk; runs several rounds with the targets alternating;
+prints medians, spread (min-max over rounds), the ratios to nginx and PASS/FAIL. Stops
+every process it started.
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+from . import bodies, longpoll, rewrite_speed
+from .servers import (
+    LUA,
+    MEDIA,
+    MESSAGES,
+    SYNC_1M,
+    SYNC_8M,
+    TINY,
+    Proc,
+    WrkResult,
+    cpu_seconds,
+    free_port,
+    nginx_conf,
+    peak_rss_mib,
+    start_nginx,
+    start_proxy,
+    wait_port,
+    wrk,
+)  # fmt: skip
+
+# (key, label, path, required ratio of the proxy's req/s to nginx's)
+SCENARIOS = [
+    ("tiny", "tiny authenticated pass-through (`/pushrules/`)", TINY, 0.15),
+    ("messages", "`/messages` 18 KB, filtered", MESSAGES, 0.08),
+    ("sync1m", "`/sync` 1 MB, filtered", SYNC_1M, 0.2),
+    ("media", "1 MiB media download, streamed", MEDIA, 1.0),
+]
+
+
+def _get(url: str) -> bytes:
+    request = urllib.request.Request(url, headers={"Authorization": f"Bearer {bodies.TOKEN}"})
+    with urllib.request.urlopen(request, timeout=30) as response:
+        data: bytes = response.read()
+        return data
+
+
+def _spread(values: list[float], fmt: str = "{:,.0f}") -> str:
+    if len(values) == 1:
+        return fmt.format(values[0])
+    return (fmt.format(statistics.median(values)) + " (" + fmt.format(min(values)) + "-"
+            + fmt.format(max(values)) + ")")  # fmt: skip
+
+
+def _load() -> str:
+    return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
+
+
+class Bench:
+    def __init__(self, args: argparse.Namespace) -> None:
+        self.args = args
+        self.workdir = Path(tempfile.mkdtemp(prefix="ignore-proxy-bench-"))
+        self.workdir.chmod(0o755)
+        self.procs: list[Proc] = []
+        self.lines: list[str] = []
+
+    def say(self, text: str) -> None:
+        print(text, file=sys.stderr, flush=True)
+
+    def run(self) -> int:
+        try:
+            return self._run()
+        finally:
+            for proc in reversed(self.procs):
+                proc.stop()
+            if self.args.keep:
+                self.say(f"kept {self.workdir}")
+            else:
+                shutil.rmtree(self.workdir, ignore_errors=True)
+
+    def _wrk(self, url: str, proc: Proc | None, connections: int | None = None) -> WrkResult:
+        before = cpu_seconds(proc.pid) if proc else 0.0
+        result = wrk(url, self.args.duration, connections or self.args.connections, self.lua)
+        if proc is not None:
+            result.cpu_us_per_req = (cpu_seconds(proc.pid) - before) / max(result.requests, 1) * 1e6
+        return result
+
+    def _run(self) -> int:
+        args = self.args
+        self.say(f"workdir {self.workdir}; load average {_load()}")
+        files = bodies.write_all(self.workdir / "files")
+        self.lua = self.workdir / "auth.lua"
+        self.lua.write_text(LUA)
+        up_port, ngx_port, px_port, pxlog_port = (free_port() for _ in range(4))
+        nginx = start_nginx(nginx_conf(self.workdir, files, up_port, ngx_port), [up_port, ngx_port])
+        self.procs.append(nginx)
+        upstream = f"http://127.0.0.1:{up_port}"
+        proxy = start_proxy(upstream, px_port, "warning", self.workdir / "proxy.log")
+        self.procs.append(proxy)
+        proxy_info = start_proxy(upstream, pxlog_port, "info", self.workdir / "proxy-info.log")
+        self.procs.append(proxy_info)
+        bases = {
+            "direct": (f"http://127.0.0.1:{up_port}", None),
+            "nginx": (f"http://127.0.0.1:{ngx_port}", None),
+            "proxy": (f"http://127.0.0.1:{px_port}", proxy),
+            "proxy+log": (f"http://127.0.0.1:{pxlog_port}", proxy_info),
+        }
+        self._check(bases)
+        results: dict[str, dict[str, list[WrkResult]]] = {}
+        for key, _, path, _ in SCENARIOS:
+            targets = ["direct", "nginx", "proxy"] + (["proxy+log"] if key == "tiny" else [])
+            results[key] = {t: [] for t in targets}
+            for round_ in range(args.rounds):
+                order = targets[round_ % len(targets):] + targets[: round_ % len(targets)]
+                for target in order:
+                    base, proc = bases[target]
+                    res = self._wrk(base + path, proc)
+                    results[key][target].append(res)
+                    self.say(f"{key:9} round {round_ + 1} {target:9} {res.rps:10,.0f} req/s"
+                             f"  p99 {res.p99_ms:7.1f} ms  errors {res.errors}"
+                             + (f"  cpu {res.cpu_us_per_req:,.0f} us/req"
+                                if res.cpu_us_per_req else ""))  # fmt: skip
+        stall = self._stall(bases["proxy"][0], proxy)
+        self.say("rewrite speed (in-process, 8 MB /sync)...")
+        speed = rewrite_speed.measure(files["sync_8m.json"].read_bytes(), args.repeat)
+        gc.collect()
+        for proc in (proxy, proxy_info):
+            proc.stop()
+        polls = self._long_polls()
+        return self._report(results, stall, speed, polls)
+
+    def _check(self, bases: dict[str, tuple[str, Proc | None]]) -> None:
+        """Every target answers, and the proxy really filters."""
+        ignored = bodies.IGNORED.encode()
+        for _, _, path, _ in SCENARIOS:
+            direct = _get(bases["direct"][0] + path)
+            for target in ("nginx", "proxy", "proxy+log"):
+                got = _get(bases[target][0] + path)
+                if path in (TINY, MEDIA) or target == "nginx":
+                    assert got == direct, (target, path)
+                else:
+                    assert got.count(ignored) < direct.count(ignored), (target, path)
+        big = _get(bases["proxy"][0] + SYNC_8M)
+        assert big.count(ignored) < files_count(bases["direct"][0] + SYNC_8M, ignored)
+
+    def _stall(self, base: str, proxy: Proc) -> dict[str, WrkResult]:
+        """p99 of a tiny request alone, and while two clients pull filtered 8 MB syncs."""
+        self.say("event-loop stall: tiny alone, then next to 8 MB /sync rewrites...")
+        alone = wrk(base + TINY, self.args.duration, 4, self.lua)
+        big = subprocess.Popen(
+            ["wrk", "-t1", "-c2", f"-d{int(self.args.duration) + 2}s", "--timeout=30s",
+             "-s", str(self.lua), base + SYNC_8M],
+            stdout=subprocess.PIPE, text=True,
+        )  # fmt: skip
+        try:
+            time.sleep(1.0)
+            beside = wrk(base + TINY, self.args.duration, 4, self.lua)
+        finally:
+            out, _ = big.communicate(timeout=60)
+        syncs = float(out.split("Requests/sec:")[1].split()[0]) if "Requests/sec:" in out else 0.0
+        self.say(f"  tiny p99 alone {alone.p99_ms:.1f} ms, beside 8 MB syncs {beside.p99_ms:.1f}"
+                 f" ms (max {beside.max_ms:.0f} ms); 8 MB syncs {syncs:.1f}/s")  # fmt: skip
+        return {"alone": alone, "beside": beside, "syncs_per_s": syncs}  # type: ignore[dict-item]
+
+    def _long_polls(self) -> dict[str, float]:
+        count = self.args.long_polls
+        self.say(f"{count} concurrent /sync?timeout=20000 long-polls (fresh proxy)...")
+        up_port, px_port = free_port(), free_port()
+        upstream = subprocess.Popen([sys.executable, "-m", "benchmarks.longpoll", str(up_port)],
+                                    cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+        self.procs.append(Proc("longpoll-upstream", upstream))
+        wait_port(up_port)
+        proxy = start_proxy(f"http://127.0.0.1:{up_port}", px_port, "warning",
+                            self.workdir / "proxy-longpoll.log")  # fmt: skip
+        self.procs.append(proxy)
+        _get(f"http://127.0.0.1:{px_port}/_matrix/client/v3/sync?since=warm")  # learn the user
+        before = cpu_seconds(proxy.pid)
+        started = time.monotonic()
+        times, failures = longpoll.run_client(px_port, count)
+        elapsed = time.monotonic() - started
+        stats = {
+            "count": count, "answered": len(times), "failures": len(failures),
+            "max_s": max(times) if times else float("nan"),
+            "median_s": statistics.median(times) if times else float("nan"),
+            "elapsed_s": elapsed, "peak_rss_mib": peak_rss_mib(proxy.pid),
+            "cpu_s": cpu_seconds(proxy.pid) - before,
+        }  # fmt: skip
+        if failures:
+            self.say(f"  failures: {sorted(set(failures))[:5]}")
+        proxy.stop()
+        self.procs[-2].stop()
+        return stats
+
+    def _report(self, results: dict[str, dict[str, list[WrkResult]]], stall: dict[str, WrkResult],
+                speed: dict[str, float], polls: dict[str, float]) -> int:  # fmt: skip
+        rows = []
+        failed = 0
+        header = ("| target | direct req/s | nginx req/s | proxy req/s | ratio to nginx "
+                  "| needed | proxy CPU us/req | verdict |")  # fmt: skip
+        rows.append(header)
+        rows.append("|---|---:|---:|---:|---:|---:|---:|---|")
+        for key, label, _, needed in SCENARIOS:
+            res = results[key]
+            ratios = [p.rps / n.rps for p, n in zip(res["proxy"], res["nginx"], strict=True)]
+            ratio = statistics.median(ratios)
+            errors = sum(r.errors for r in res["proxy"])
+            ok = ratio >= needed and errors == 0
+            failed += not ok
+            rows.append(
+                f"| {label} | {_spread([r.rps for r in res['direct']])} "
+                f"| {_spread([r.rps for r in res['nginx']])} "
+                f"| {_spread([r.rps for r in res['proxy']])} "
+                f"| {_spread(ratios, '{:.2f}')} | >= {needed} "
+                f"| {_spread([r.cpu_us_per_req or 0 for r in res['proxy']])} "
+                f"| {'PASS' if ok else 'FAIL'}{f' ({errors} errors)' if errors else ''} |"
+            )
+            if "proxy+log" in res:
+                logged = res["proxy+log"]
+                ratios = [p.rps / n.rps for p, n in zip(logged, res["nginx"], strict=True)]
+                rows.append(
+                    f"| ... same, default `info` access log | | "
+                    f"| {_spread([r.rps for r in logged])} | {_spread(ratios, '{:.2f}')} | "
+                    f"| {_spread([r.cpu_us_per_req or 0 for r in logged])} | (info) |"
+                )
+        ok = (polls["answered"] == polls["count"] and polls["max_s"] <= 21.0
+              and polls["peak_rss_mib"] <= 120)  # fmt: skip
+        failed += not ok
+        rows.append(
+            f"| {polls['count']:.0f} concurrent `/sync?timeout=20000` long-polls "
+            f"| | | {polls['answered']:.0f} answered, slowest {polls['max_s']:.2f} s, "
+            f"peak RSS {polls['peak_rss_mib']:.0f} MiB | | all, <= 21 s, <= 120 MiB "
+            f"| {polls['cpu_s'] / max(polls['count'], 1) * 1e6:,.0f} "
+            f"| {'PASS' if ok else 'FAIL'} |"
+        )
+        ok = speed["ours_mb_s"] >= 250 and speed["speedup"] >= 2
+        failed += not ok
+        rows.append(
+            f"| rewriting the 8 MB `/sync` body alone (CPU time, median of {self.args.repeat}) "
+            f"| | orjson {speed['orjson_ms']:.0f} ms ({speed['orjson_min_ms']:.0f}-"
+            f"{speed['orjson_max_ms']:.0f}) | {speed['ours_ms']:.0f} ms "
+            f"({speed['ours_min_ms']:.0f}-{speed['ours_max_ms']:.0f}) = "
+            f"{speed['ours_mb_s']:.0f} MB/s | {speed['speedup']:.2f} x orjson "
+            f"| >= 250 MB/s, >= 2 x | | {'PASS' if ok else 'FAIL'} |"
+        )
+        alone, beside = stall["alone"], stall["beside"]
+        rows.append(
+            f"| tiny request p99 while 8 MB syncs are rewritten ({stall['syncs_per_s']:.1f}/s) "
+            f"| | | p99 {beside.p99_ms:.1f} ms (alone {alone.p99_ms:.1f} ms), "
+            f"max {beside.max_ms:.0f} ms | | (reported) | | |"
+        )
+        print()
+        print(f"ignore-proxy benchmark: {self.args.rounds} round(s) x {self.args.duration} s, "
+              f"wrk {self.args.connections} connections, load average at end {_load()}")  # fmt: skip
+        print("\n".join(rows))
+        print(f"\n{'all targets met' if not failed else f'{failed} target(s) not met'}")
+        return 0
+
+
+def files_count(url: str, needle: bytes) -> int:
+    return _get(url).count(needle)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__)
+    parser.add_argument("--quick", action="store_true", help="1 round of 2 s (a smoke run)")
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--duration", type=int, default=5.0, help="seconds per wrk run")
+    parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--long-polls", type=int, default=2000)
+    parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--repeat", type=int, default=15, help="8 MB rewrite repetitions")
+    args = parser.parse_args()
+    if args.quick:
+        args.rounds, args.duration, args.repeat = 1, 2, 5
+    for tool in ("nginx", "wrk"):
+        if shutil.which(tool) is None:
+            parser.error(f"{tool} is not on the PATH (Debian: apt-get install -y {tool})")
+    return Bench(args).run()
+
+
+if __name__ == "__main__":
+    sys.exit(main())
