@@ -16,6 +16,7 @@ import msgspec
 from .raw import (
     EMPTY,
     Raw,
+    as_bytes,
     decode_value,
     encode_array,
     encode_object,
@@ -120,26 +121,37 @@ def is_invite_for(head: Head, user_id: str) -> bool:
 class Run:
     """Per-call state: the context, what may be present in the body, what was removed."""
 
-    __slots__ = ("_finditer", "_search", "always", "anything", "ctx", "ignored", "removed")
+    __slots__ = (
+        "_escapes",
+        "_finditer",
+        "_search",
+        "always",
+        "anything",
+        "ctx",
+        "ignored",
+        "removed",
+    )
 
     def __init__(self, ctx: IgnoreContext, body: bytes) -> None:
         self.ctx = ctx
         self.ignored = ctx.ignored
         self.removed = 0
-        full = mentions_for(ctx.ignored)
-        escapes = full.escapes_in(body)
-        present = ctx.ignored if escapes else full.present(body, ctx.ignored)
+        present, escapes = mentions_for(ctx.ignored).present(body, ctx.ignored)
         self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""
         mentions = mentions_for(present)
-        self.always = mentions.always
-        pattern = mentions.pattern(escapes)
+        self.always = mentions.always or escapes
+        """Escapes may spell an ignored ID anywhere: check parts one by one."""
+        pattern = mentions.pattern(False)
         self._search = pattern.search
         self._finditer = pattern.finditer
+        self._escapes = mentions.escapes_in if escapes else None
 
     def relevant(self, raw: Raw | bytes) -> bool:
         """False if this part of the body certainly mentions no ignored user."""
-        return self._search(raw) is not None
+        return self._search(raw) is not None or (
+            self._escapes is not None and self._escapes(as_bytes(raw))
+        )
 
     def relevant_items(self, raw: Raw, items: list[Raw]) -> set[int] | None:
         """Indexes of the items of array ``raw`` that may mention an ignored user, found

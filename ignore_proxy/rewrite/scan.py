@@ -62,7 +62,7 @@ def _escape_alternatives(chars: Iterable[str]) -> list[str]:
 class Mentions:
     """A compiled search for a set of user IDs (cache one per ignore list)."""
 
-    __slots__ = ("_alternatives", "_escapes", "_needles", "_patterns", "always")
+    __slots__ = ("_alternatives", "_escapes", "_needle_set", "_needles", "_patterns", "always")
 
     def __init__(self, user_ids: Iterable[str]) -> None:
         ids = sorted(set(user_ids))
@@ -75,6 +75,7 @@ class Mentions:
                 # A lone surrogate in a Python string cannot be searched for as bytes.
                 self.always = True
         self._needles = tuple(needles)
+        self._needle_set = frozenset(needles)
         chars = {ch for uid in ids for ch in uid}
         alternatives = _escape_alternatives(chars)
         self._alternatives = alternatives
@@ -99,14 +100,7 @@ class Mentions:
 
     def in_bytes(self, data: bytes) -> bool:
         """True unless ``data`` certainly contains none of the IDs."""
-        if self.always:
-            return True
-        for needle in self._needles:
-            if needle in data:
-                return True
-        return (
-            self._escapes is not None and b"\\" in data and self._escapes.search(data) is not None
-        )
+        return self.pattern(False).search(data) is not None or self.escapes_in(data)
 
     def escapes_in(self, data: bytes) -> bool:
         """True if ``data`` has an escape sequence that could spell part of an ID."""
@@ -114,15 +108,15 @@ class Mentions:
             self._escapes is not None and b"\\" in data and self._escapes.search(data) is not None
         )
 
-    def present(self, data: bytes, user_ids: frozenset[str]) -> frozenset[str]:
-        """Those of ``user_ids`` (the IDs this was built for) that may occur in ``data``."""
+    def present(self, data: bytes, user_ids: frozenset[str]) -> tuple[frozenset[str], bool]:
+        """Those of ``user_ids`` (the IDs this was built for) that may occur in ``data``,
+        and whether ``data`` has escapes that could spell one (then: all of them).
+        Two regex scans (minimal spellings, escapes), however many IDs."""
         if self.escapes_in(data):
-            return user_ids
-        return frozenset(
-            uid
-            for uid, needle in zip(sorted(user_ids), self._needles, strict=True)
-            if needle in data
-        )
+            return user_ids, True
+        found = {match.group() for match in self.pattern(False).finditer(data)}
+        pairs = zip(sorted(user_ids), self._needles, strict=True)
+        return frozenset(uid for uid, needle in pairs if needle in found), False
 
 
 @lru_cache(maxsize=256)
