@@ -1,0 +1,111 @@
+"""The compose examples in config/compose/: each routes the proxy to its homeserver's
+port, publishes nothing but nginx, keeps the metrics port off every published port, and
+gives nginx the shipped config with only its marked addresses changed (`nginx -t` on it)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+from ignore_proxy.config import load_settings, parse_host_port
+
+from .e2e.harness.nginx import main_conf, nginx_test
+
+ROOT = Path(__file__).parent.parent
+COMPOSE_DIR = ROOT / "config" / "compose"
+# The homeserver's client-server port in each example (the homeservers' own defaults).
+HOMESERVER_PORTS = {"conduit": 6167, "continuwuity": 6167, "dendrite": 8008, "synapse": 8008}
+PORT_VARIABLES = {"conduit": "CONDUIT_PORT", "continuwuity": "CONTINUWUITY_PORT"}
+
+
+def load(name: str) -> dict[str, Any]:
+    data = yaml.safe_load((COMPOSE_DIR / f"{name}.yml").read_text())
+    assert isinstance(data, dict)
+    return data
+
+
+def test_one_example_per_homeserver() -> None:
+    assert sorted(p.stem for p in COMPOSE_DIR.glob("*.yml")) == sorted(HOMESERVER_PORTS)
+
+
+@pytest.mark.parametrize("name", sorted(HOMESERVER_PORTS))
+def test_proxy_points_at_the_homeserver_port(name: str) -> None:
+    services = load(name)["services"]
+    assert set(services) == {"homeserver", "ignore-proxy", "nginx"}
+    proxy = services["ignore-proxy"]
+    assert proxy["image"] == "ignore-proxy"
+    assert (COMPOSE_DIR / proxy["build"] / "Dockerfile").is_file()
+    env = {key: str(value) for key, value in proxy["environment"].items()}
+    assert env["IGNORE_PROXY_UPSTREAM"] == f"http://homeserver:{HOMESERVER_PORTS[name]}"
+    if name in PORT_VARIABLES:
+        homeserver_env = services["homeserver"]["environment"]
+        assert int(homeserver_env[PORT_VARIABLES[name]]) == HOMESERVER_PORTS[name]
+    # The environment is a valid configuration (the image adds its listen address).
+    settings = load_settings(environ={"IGNORE_PROXY_LISTEN": "0.0.0.0:8010", **env})
+    assert settings.metrics.listen, "the example shows the metrics listener"
+
+
+@pytest.mark.parametrize("name", sorted(HOMESERVER_PORTS))
+def test_only_nginx_is_published_and_never_the_metrics_port(name: str) -> None:
+    services = load(name)["services"]
+    env = services["ignore-proxy"]["environment"]
+    _, metrics_port = parse_host_port(env["IGNORE_PROXY_METRICS_LISTEN"])
+    published: list[str] = []
+    for service_name, service in services.items():
+        ports = [str(port) for port in service.get("ports", [])]
+        if service_name != "nginx":
+            assert not ports, f"{service_name} publishes {ports}"
+        published += ports
+    for port in published:
+        numbers = {int(n) for n in re.findall(r"\d+", port.rsplit(":", 2)[-1])}
+        assert metrics_port not in numbers and 8010 not in numbers, port
+
+
+@pytest.mark.parametrize("name", sorted(HOMESERVER_PORTS))
+def test_nginx_gets_the_shipped_config_with_the_service_addresses(
+    name: str, tmp_path: Path
+) -> None:
+    nginx = load(name)["services"]["nginx"]
+    mounts = {
+        volume.split(":")[1]: (COMPOSE_DIR / volume.split(":")[0]).resolve()
+        for volume in nginx["volumes"]
+    }
+    (shipped,) = mounts.values()
+    assert shipped.is_file() and shipped.parent == ROOT / "config" / "nginx"
+    # Run the container's own command, with its paths moved into tmp_path.
+    assert nginx["entrypoint"] == ["/bin/sh", "-c"]
+    (command,) = nginx["command"]
+    rendered = tmp_path / "default.conf"
+    setup, _, start = command.partition("&&")
+    assert start.strip() == "exec nginx -g 'daemon off;'"
+    setup = setup.replace(next(iter(mounts)), str(shipped)).replace(
+        "/etc/nginx/conf.d/default.conf", str(rendered)
+    )
+    subprocess.run(["sh", "-c", setup], check=True, timeout=30)
+    text, original = rendered.read_text(), shipped.read_text()
+    port = HOMESERVER_PORTS[name]
+    assert re.search(r"upstream ignore_proxy_\w+ \{\n    server ignore-proxy:8010;", text)
+    assert re.search(rf"upstream matrix_homeserver_\w+ \{{\n    server homeserver:{port};", text)
+    changed = [
+        (a, b) for a, b in zip(original.splitlines(), text.splitlines(), strict=True) if a != b
+    ]
+    assert len(changed) == 2, "only the two marked addresses change"
+    # The rendered file is valid nginx (names resolved to loopback: no Docker DNS here).
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed")
+    site = tmp_path / "site.conf"
+    site.write_text(
+        text.replace("ignore-proxy:8010", "127.0.0.1:8010").replace(
+            f"homeserver:{port}", f"127.0.0.1:{port}"
+        )
+    )
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(main_conf(tmp_path, site))
+    checked = nginx_test(conf, tmp_path)
+    assert checked.returncode == 0, checked.stderr
