@@ -3,6 +3,7 @@ event without showing who sent it (the parent of `/relations`, `timestamp_to_eve
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from dataclasses import dataclass
 from urllib.parse import quote
@@ -11,16 +12,23 @@ import httpx
 import msgspec
 
 from .identity import Credentials
+from .rewrite import StaleThread
 
 log = logging.getLogger(__name__)
 
 # How far timestamp_to_event may step past events of ignored senders before giving up.
 MAX_STEPS = 20
+# Thread replies read to find a thread's latest un-ignored reply (and count the rest).
+THREAD_WINDOW = 100
 
 
 class _Head(msgspec.Struct):
     sender: str = ""
     state_key: msgspec.Raw | msgspec.UnsetType = msgspec.UNSET
+
+
+class _Chunk(msgspec.Struct):
+    chunk: list[msgspec.Raw] = []
 
 
 class _Found(msgspec.Struct):
@@ -105,3 +113,42 @@ async def nearest_unignored_event(
             return None
         answer = response.content
     return None
+
+
+async def thread_summaries(
+    client: httpx.AsyncClient,
+    creds: Credentials,
+    stale: tuple[StaleThread, ...],
+    ignored: frozenset[str],
+) -> dict[str, bytes | None]:
+    """New `m.thread` summaries for threads whose latest reply is an ignored user's:
+    the latest reply of someone else, and a count without ignored users' replies."""
+    found = await asyncio.gather(*(_thread_summary(client, creds, t, ignored) for t in stale))
+    return {thread.root_id: summary for thread, summary in zip(stale, found, strict=True)}
+
+
+async def _thread_summary(
+    client: httpx.AsyncClient, creds: Credentials, stale: StaleThread, ignored: frozenset[str]
+) -> bytes | None:
+    try:
+        summary = msgspec.json.decode(stale.summary, type=dict[str, msgspec.Raw])
+        count = msgspec.json.decode(summary.get("count", b"0"))
+        response = await client.get(
+            _room_path("v1", stale.room_id, "relations", stale.root_id, "m.thread"),
+            headers=creds.auth_headers(),
+            params={**creds.query_params(), "dir": "b", "limit": str(THREAD_WINDOW)},
+        )
+        if response.status_code != 200:
+            return None
+        replies = msgspec.json.decode(response.content, type=_Chunk).chunk
+        heads = [msgspec.json.decode(reply, type=_Head) for reply in replies]
+    except (httpx.TransportError, msgspec.DecodeError, msgspec.ValidationError):
+        return None
+    hidden = [h.sender in ignored and h.state_key is msgspec.UNSET for h in heads]
+    latest = next((reply for reply, gone in zip(replies, hidden, strict=True) if not gone), None)
+    if latest is None:
+        return None  # nobody but ignored users replied (as far as the window shows)
+    summary["latest_event"] = latest
+    if isinstance(count, int) and not isinstance(count, bool):
+        summary["count"] = msgspec.Raw(str(max(count - sum(hidden), 1)).encode())
+    return msgspec.json.encode(summary)

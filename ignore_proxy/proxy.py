@@ -8,7 +8,7 @@ import logging
 import os
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
 import httpx
@@ -29,6 +29,8 @@ log = logging.getLogger(__name__)
 
 _IGNORE_LIST_TYPE = b"m.ignored_user_list"
 _ERROR_BODY_LIMIT = 64 * 1024
+# Thread summaries one answer may have looked up; beyond these they are left out.
+MAX_THREAD_LOOKUPS = 20
 
 
 class ClientGone(Exception):
@@ -394,6 +396,12 @@ class Proxy:
         except rewrite.InvalidBody:
             await send_error(send, 502, "M_UNKNOWN", "The homeserver sent a malformed answer")
             return
+        if rewritten is not None and rewritten.stale_threads and call.creds is not None:
+            # Thread summaries whose latest reply is hidden: learn the latest visible one.
+            stale = rewritten.stale_threads[:MAX_THREAD_LOOKUPS]
+            summaries = await lookups.thread_summaries(self.client, call.creds, stale, ignored)
+            context = replace(context, thread_summaries=summaries)
+            rewritten = route.rewriter(body, context)
         self.metrics.rewrite_seconds.labels(route.name).observe(time.perf_counter() - started)
         self.metrics.rewrite_bytes.labels(route.name).inc(len(body))
         if rewritten is None:

@@ -409,3 +409,45 @@ async def test_malformed_answer_on_filtered_endpoint_is_502_not_a_leak(
     assert response.status_code == 502
     assert response.json()["errcode"] == "M_UNKNOWN"
     assert "@bob" not in response.text
+
+
+async def test_thread_summary_points_at_the_latest_reply_of_someone_not_ignored(
+    homeserver: FakeHomeserver,
+) -> None:
+    root = message("$root", CHARLIE)
+    replies = [message("$r3", BOB), message("$r2", CHARLIE), message("$r1", BOB)]  # newest first
+    root["unsigned"] = {
+        "m.relations": {
+            "m.thread": {"latest_event": replies[0], "count": 3, "current_user_participated": False}
+        }
+    }
+    homeserver.answers[("GET", "/sync")] = sync_body(root)
+    homeserver.answers[("GET", f"/rooms/{ROOM}/messages")] = {"chunk": [root], "start": "s"}
+    homeserver.answers[("GET", f"/rooms/{ROOM}/relations/$root/m.thread")] = {"chunk": replies}
+    app = build_app(homeserver)
+    async with client_for(app, "alice-token") as alice:
+        synced = (await alice.get(SYNC)).json()["rooms"]["join"][ROOM]["timeline"]["events"][0]
+        paged = (await alice.get(f"/_matrix/client/v3/rooms/{ROOM}/messages")).json()["chunk"][0]
+    for event in (synced, paged):
+        thread = event["unsigned"]["m.relations"]["m.thread"]
+        assert thread["latest_event"]["event_id"] == "$r2"
+        assert thread["count"] == 1
+        assert thread["current_user_participated"] is False
+
+
+async def test_thread_of_only_ignored_replies_loses_its_summary(
+    homeserver: FakeHomeserver,
+) -> None:
+    root = message("$root", CHARLIE)
+    root["unsigned"] = {
+        "m.relations": {"m.thread": {"latest_event": message("$r1", BOB), "count": 1}}
+    }
+    homeserver.answers[("GET", "/sync")] = sync_body(root)
+    homeserver.answers[("GET", f"/rooms/{ROOM}/relations/$root/m.thread")] = {
+        "chunk": [message("$r1", BOB)]
+    }
+    app = build_app(homeserver)
+    async with client_for(app, "alice-token") as alice:
+        event = (await alice.get(SYNC)).json()["rooms"]["join"][ROOM]["timeline"]["events"][0]
+    assert "m.relations" not in event["unsigned"]
+    assert event["event_id"] == "$root"

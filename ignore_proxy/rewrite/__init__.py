@@ -28,7 +28,7 @@ from .scan import mentions_any
 from .search import rewrite_search
 from .sliding import rewrite_sliding_sync
 from .sync import rewrite_sync
-from .types import IgnoreContext, InvalidBody, Rewriter, Rewritten, SenderIgnored
+from .types import IgnoreContext, InvalidBody, Rewriter, Rewritten, SenderIgnored, StaleThread
 from .versions import MSC4406_FEATURE, add_msc4406_feature
 
 __all__ = [
@@ -39,6 +39,7 @@ __all__ = [
     "Rewriter",
     "Rewritten",
     "SenderIgnored",
+    "StaleThread",
     "UpstreamSenderIgnored",
     "add_msc4406_feature",
     "ignored_users_from_content",

@@ -24,7 +24,7 @@ from .raw import (
     split_object,
 )
 from .scan import mentions_for
-from .types import IgnoreContext
+from .types import IgnoreContext, StaleThread
 
 __all__ = [
     "DROP",
@@ -47,6 +47,8 @@ class Head(msgspec.Struct):
 
     sender: str | None = None
     type: str | None = None
+    event_id: str | None = None
+    room_id: str | None = None
     state_key: Raw = EMPTY
     """Raw bytes of ``state_key``; empty when the event has none (not a state event)."""
     unsigned: Raw = EMPTY
@@ -89,9 +91,13 @@ def head_of(raw: Raw | bytes) -> Head | None:
         return None
     sender = parts.get("sender")
     type_ = parts.get("type")
+    event_id = parts.get("event_id")
+    room_id = parts.get("room_id")
     return Head(
         sender=None if sender is None else _string(sender),
         type=None if type_ is None else _string(type_),
+        event_id=None if event_id is None else _string(event_id),
+        room_id=None if room_id is None else _string(room_id),
         state_key=parts.get("state_key", EMPTY),
         unsigned=parts.get("unsigned", EMPTY),
         content=parts.get("content", EMPTY),
@@ -130,12 +136,17 @@ class Run:
         "ctx",
         "ignored",
         "removed",
+        "room_id",
+        "stale_threads",
     )
 
     def __init__(self, ctx: IgnoreContext, body: bytes) -> None:
         self.ctx = ctx
         self.ignored = ctx.ignored
         self.removed = 0
+        self.room_id: str | None = None
+        """The room being walked, for events that do not name theirs (sync)."""
+        self.stale_threads: list[StaleThread] = []
         present, escapes = mentions_for(ctx.ignored).present(body, ctx.ignored)
         self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""
@@ -187,11 +198,12 @@ def _thread_is_hidden(thread: Raw, run: Run) -> bool:
     return head is not None and run.hides(head)
 
 
-def fix_unsigned(unsigned: Raw, run: Run) -> Raw | None:
-    """Remove ``m.relations.m.thread`` if its ``latest_event`` is hidden.
+def fix_unsigned(unsigned: Raw, run: Run, head: Head | None = None) -> Raw | None:
+    """Fix ``m.relations.m.thread`` if its ``latest_event`` is hidden.
 
-    The proxy cannot find the previous un-ignored reply without I/O, so the whole
-    thread summary goes (and ``m.relations`` if it becomes empty).
+    The previous un-ignored reply is not in the body: the summary is replaced by the one
+    in ``run.ctx.thread_summaries`` for this root, or else removed and reported in
+    ``run.stale_threads`` so that the proxy can look it up and rewrite again.
     """
     if not len(unsigned) or not run.relevant(unsigned):
         return None
@@ -201,10 +213,20 @@ def fix_unsigned(unsigned: Raw, run: Run) -> Raw | None:
     relations = split_object(members["m.relations"])
     if relations is None or "m.thread" not in relations:
         return None
-    if not _thread_is_hidden(relations["m.thread"], run):
+    thread = relations["m.thread"]
+    if not _thread_is_hidden(thread, run):
         return None
-    del relations["m.thread"]
+    root_id = head.event_id if head is not None else None
+    known = run.ctx.thread_summaries or {}
+    replacement = known.get(root_id) if root_id is not None else None
     run.removed += 1
+    if replacement is not None:
+        relations["m.thread"] = Raw(replacement)
+    else:
+        del relations["m.thread"]
+        room_id = (head.room_id if head is not None else None) or run.room_id
+        if root_id is not None and room_id is not None and root_id not in known:
+            run.stale_threads.append(StaleThread(room_id, root_id, as_bytes(thread)))
     if relations:
         members["m.relations"] = encode_object(relations)
     else:
@@ -214,7 +236,7 @@ def fix_unsigned(unsigned: Raw, run: Run) -> Raw | None:
 
 def fix_event(raw: Raw, head: Head, run: Run) -> Raw | None:
     """A kept event with its bundled aggregations fixed; None if unchanged."""
-    unsigned = fix_unsigned(head.unsigned, run)
+    unsigned = fix_unsigned(head.unsigned, run, head)
     if unsigned is None:
         return None
     members = split_object(raw)

@@ -59,6 +59,7 @@ def _rooms(raw: Raw, run: Run) -> Raw | None:
             run.removed += 1
             changed = True
             continue
+        run.room_id = room_id
         new = _room(room_raw, run)
         if new is not None:
             rooms[room_id] = new

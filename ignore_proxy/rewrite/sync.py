@@ -74,6 +74,7 @@ def _rooms(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
 def _rooms_in(rooms: dict[str, Raw], run: Run, *, joined: bool) -> bool:
     changed = False
     for room_id in rooms:
+        run.room_id = room_id
         changed |= edit(rooms, room_id, lambda room: _room(room, run, joined=joined))
     return changed
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 __all__ = [
@@ -11,6 +11,7 @@ __all__ = [
     "Rewriter",
     "Rewritten",
     "SenderIgnored",
+    "StaleThread",
 ]
 
 
@@ -24,6 +25,20 @@ class IgnoreContext:
     """The requesting (effective) user."""
     filter_ephemeral: bool = True
     """Drop typing notifications and read receipts of ignored users."""
+    thread_summaries: Mapping[str, bytes | None] | None = None
+    """Replacement ``m.thread`` summaries by thread root event ID, for summaries whose
+    ``latest_event`` is hidden (None: remove it). Learned by the proxy from the
+    homeserver after a first rewrite reported them in ``Rewritten.stale_threads``."""
+
+
+@dataclass(frozen=True, slots=True)
+class StaleThread:
+    """A bundled thread summary whose ``latest_event`` is an ignored user's reply."""
+
+    room_id: str
+    root_id: str
+    summary: bytes
+    """The summary as the homeserver sent it (``count``, ``current_user_participated``)."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -32,6 +47,8 @@ class Rewritten:
 
     body: bytes
     removed: int
+    stale_threads: tuple[StaleThread, ...] = ()
+    """Thread summaries removed for want of a replacement (see IgnoreContext)."""
 
 
 class SenderIgnored(Exception):
