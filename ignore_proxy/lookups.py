@@ -152,3 +152,19 @@ async def _thread_summary(
     if isinstance(count, int) and not isinstance(count, bool):
         summary["count"] = msgspec.Raw(str(max(count - sum(hidden), 1)).encode())
     return msgspec.json.encode(summary)
+
+
+async def leave_room(client: httpx.AsyncClient, creds: Credentials, room_id: str) -> None:
+    """Reject an invite on the user's behalf (the spec allows it for ignored inviters)."""
+    try:
+        response = await client.post(
+            _room_path("v3", room_id, "leave"),
+            headers=creds.auth_headers(),
+            params=creds.query_params(),
+            json={},
+        )
+    except httpx.TransportError as exc:
+        log.warning("rejecting an invite failed: %s", type(exc).__name__)
+        return
+    if response.status_code != 200:
+        log.warning("rejecting an invite failed: status %d", response.status_code)

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
 import httpx
+from cachetools import TTLCache
 from starlette.types import Message, Receive, Scope, Send
 
 from . import lookups, rewrite
@@ -132,6 +133,8 @@ class Proxy:
         self.identity = identity
         self.ignore_lists = ignore_lists
         self.metrics = metrics
+        self._rejected: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=10_000, ttl=60)
+        self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -402,6 +405,8 @@ class Proxy:
             summaries = await lookups.thread_summaries(self.client, call.creds, stale, ignored)
             context = replace(context, thread_summaries=summaries)
             rewritten = route.rewriter(body, context)
+        if rewritten is not None and rewritten.hidden_invites and call.creds is not None:
+            self._reject_invites(user_id, call.creds, rewritten.hidden_invites)
         self.metrics.rewrite_seconds.labels(route.name).observe(time.perf_counter() - started)
         self.metrics.rewrite_bytes.labels(route.name).inc(len(body))
         if rewritten is None:
@@ -409,6 +414,17 @@ class Proxy:
         else:
             self.metrics.events_removed.labels(route.name).inc(rewritten.removed)
             await send_rewritten(send, response, rewritten.body)
+
+    def _reject_invites(self, user_id: str, creds: Credentials, room_ids: tuple[str, ...]) -> None:
+        if not self.settings.ignore.reject_invites:
+            return
+        for room_id in room_ids:
+            if (user_id, room_id) in self._rejected:
+                continue  # already on its way: several syncs may carry the same invite
+            self._rejected[user_id, room_id] = True
+            task = asyncio.create_task(lookups.leave_room(self.client, creds, room_id))
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
 
     async def _send_sender_ignored(self, call: _Call, sender: str | None) -> None:
         message = "You have ignored the user that sent this event"

@@ -451,3 +451,33 @@ async def test_thread_of_only_ignored_replies_loses_its_summary(
         event = (await alice.get(SYNC)).json()["rooms"]["join"][ROOM]["timeline"]["events"][0]
     assert "m.relations" not in event["unsigned"]
     assert event["event_id"] == "$root"
+
+
+def invite_sync(room_id: str, inviter: str) -> dict[str, Any]:
+    member = {"type": "m.room.member", "sender": inviter, "state_key": ALICE,
+              "content": {"membership": "invite"}}  # fmt: skip
+    return {
+        "next_batch": "s3",
+        "rooms": {"invite": {room_id: {"invite_state": {"events": [member]}}}},
+    }
+
+
+@pytest.mark.parametrize("reject", [False, True])
+async def test_invites_from_ignored_users_vanish_and_may_be_rejected(
+    homeserver: FakeHomeserver, reject: bool
+) -> None:
+    homeserver.answers[("GET", "/sync")] = invite_sync("!bobs:hs", BOB)
+    homeserver.answers[("POST", "/rooms/!bobs:hs/leave")] = {}
+    app = build_app(homeserver, ignore_reject_invites="true" if reject else "false")
+    async with client_for(app, "alice-token") as alice:
+        for _ in range(3):
+            assert (await alice.get(SYNC)).json()["rooms"]["invite"] == {}
+        await asyncio.sleep(0.05)
+    leaves = [r for r in homeserver.requests if r.url.path.endswith("/leave")]
+    assert len(leaves) == (1 if reject else 0)
+    if reject:
+        assert leaves[0].headers["authorization"] == "Bearer alice-token"
+        assert "/rooms/%21bobs%3Ahs/leave" in leaves[0].url.raw_path.decode()
+    homeserver.answers[("GET", "/sync")] = invite_sync("!charlies:hs", CHARLIE)
+    async with client_for(app, "alice-token") as alice:
+        assert "!charlies:hs" in (await alice.get(SYNC)).json()["rooms"]["invite"]

@@ -24,7 +24,7 @@ from .raw import (
     split_object,
 )
 from .scan import mentions_for
-from .types import IgnoreContext, StaleThread
+from .types import IgnoreContext, Rewritten, StaleThread
 
 __all__ = [
     "DROP",
@@ -134,6 +134,7 @@ class Run:
         "always",
         "anything",
         "ctx",
+        "hidden_invites",
         "ignored",
         "removed",
         "room_id",
@@ -147,6 +148,7 @@ class Run:
         self.room_id: str | None = None
         """The room being walked, for events that do not name theirs (sync)."""
         self.stale_threads: list[StaleThread] = []
+        self.hidden_invites: list[str] = []
         present, escapes = mentions_for(ctx.ignored).present(body, ctx.ignored)
         self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""
@@ -157,6 +159,9 @@ class Run:
         self._search = pattern.search
         self._finditer = pattern.finditer
         self._escapes = mentions.escapes_in if escapes else None
+
+    def result(self, body: bytes) -> Rewritten:
+        return Rewritten(body, self.removed, tuple(self.stale_threads), tuple(self.hidden_invites))
 
     def relevant(self, raw: Raw | bytes) -> bool:
         """False if this part of the body certainly mentions no ignored user."""

@@ -97,7 +97,7 @@ def rewrite_single_event(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     if new is None:
         return None
     del top
-    return Rewritten(render(new), run.removed, tuple(run.stale_threads))
+    return run.result(render(new))
 
 
 def _threads_chunk(raw: Raw, run: Run) -> Raw | None:

@@ -55,6 +55,7 @@ def _rooms(raw: Raw, run: Run) -> Raw | None:
         if not run.relevant(room_raw):
             continue
         if _invite_hidden(room_raw, run):
+            run.hidden_invites.append(room_id)
             del rooms[room_id]
             run.removed += 1
             changed = True

@@ -116,6 +116,7 @@ def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
     for room_id in hidden:
         del rooms[room_id]
     run.removed += len(hidden)
+    run.hidden_invites.extend(hidden)
     return bool(hidden)
 
 

@@ -49,6 +49,8 @@ class Rewritten:
     removed: int
     stale_threads: tuple[StaleThread, ...] = ()
     """Thread summaries removed for want of a replacement (see IgnoreContext)."""
+    hidden_invites: tuple[str, ...] = ()
+    """Rooms whose invite from an ignored user was removed (sync and sliding sync)."""
 
 
 class SenderIgnored(Exception):

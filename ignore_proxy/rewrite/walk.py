@@ -44,4 +44,4 @@ def start(body: bytes, ctx: IgnoreContext) -> tuple[dict[str, Raw], Run] | None:
 def finish(top: dict[str, Raw], run: Run, changed: bool) -> Rewritten | None:
     if not changed:
         return None
-    return Rewritten(render(top), run.removed, tuple(run.stale_threads))
+    return run.result(render(top))
