@@ -271,7 +271,11 @@ def test_replayed_image_installs_serves_and_passes_its_healthcheck(
             },
         )
         assert image_env["IGNORE_PROXY_LISTEN"] == "0.0.0.0:8010"
-        process = subprocess.Popen([str(bin_dir / command[0]), *command[1:]], cwd=tmp_path, env=env)
+        log_path = tmp_path / "proxy.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [str(bin_dir / command[0]), *command[1:]], cwd=tmp_path, env=env, stderr=log
+            )
         try:
             deadline = time.monotonic() + 20
             while True:
@@ -280,7 +284,7 @@ def test_replayed_image_installs_serves_and_passes_its_healthcheck(
                 )
                 if health.returncode == 0:
                     break
-                assert process.poll() is None, f"the entry point exited {process.returncode}"
+                assert process.poll() is None, f"the entry point exited: {log_path.read_text()}"
                 assert time.monotonic() < deadline, health.stderr
                 time.sleep(0.1)
             answer = httpx.get(f"http://127.0.0.1:{port}/_matrix/client/v3/capabilities")
