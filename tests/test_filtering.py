@@ -18,6 +18,7 @@ from .fake_homeserver import (
     FakeHomeserver,
     build_app,
     client_for,
+    client_path,
     message,
     state,
 )
@@ -481,3 +482,30 @@ async def test_invites_from_ignored_users_vanish_and_may_be_rejected(
     homeserver.answers[("GET", "/sync")] = invite_sync("!charlies:hs", CHARLIE)
     async with client_for(app, "alice-token") as alice:
         assert "!charlies:hs" in (await alice.get(SYNC)).json()["rooms"]["invite"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "phone_forgotten"),
+    [
+        ("POST", "/_matrix/client/v3/logout", False),
+        ("POST", "/_matrix/client/v3/logout/all", True),
+        ("DELETE", "/_matrix/client/v3/devices/PHONE", True),
+        ("POST", "/_matrix/client/v3/delete_devices", True),
+        ("POST", "/_matrix/client/r0/account/password", True),
+    ],
+)
+async def test_logout_and_device_changes_forget_cached_tokens(
+    homeserver: FakeHomeserver, method: str, path: str, phone_forgotten: bool
+) -> None:
+    homeserver.answers[(method, client_path(path))] = {}
+    app = build_app(homeserver)
+    async with client_for(app, "alice-token") as laptop, client_for(app, "alice-phone") as phone:
+        await laptop.get(SYNC)
+        await phone.get(SYNC)
+        assert homeserver.calls["whoami"] == 2
+        assert (await laptop.request(method, path, json={})).status_code == 200
+        # The homeserver hands both token strings to charlie now: a stale mapping would
+        # keep applying alice's list to them.
+        homeserver.tokens.update({"alice-token": CHARLIE, "alice-phone": CHARLIE})
+        assert "$b1" in timeline(await laptop.get(SYNC))
+        assert ("$b1" in timeline(await phone.get(SYNC))) is phone_forgotten
