@@ -135,11 +135,15 @@ class IgnoreListStore:
         self._loads: dict[str, _Load] = {}
         self.loads = 0  # upstream account-data reads
         self.failures = 0  # reads that failed (5xx, timeout, connection, 401/403, bad body)
+        self.hits = 0  # lists that were fresh in memory
+        self.misses = 0  # lists that had to be read (or joined a read in flight)
 
     async def ensure_fresh(self, user_id: str, creds: Credentials) -> None:
         entry = self._entries.get(user_id)
         if entry is not None and self._timer() < entry.fresh_until:
+            self.hits += 1
             return
+        self.misses += 1
         load = self._loads.get(user_id)
         if load is None:
             load = _Load()

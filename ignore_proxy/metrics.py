@@ -86,6 +86,13 @@ class _CacheCollector(Collector):
             "ignore_proxy_whoami_requests", "whoami requests sent upstream",
             value=self.identity.lookups,
         )  # fmt: skip
+        cache = CounterMetricFamily(
+            "ignore_proxy_ignore_list_cache", "Ignore-list lookups by result", labels=["result"]
+        )
+        cache.add_metric(["hit"], self.ignore_lists.hits)
+        cache.add_metric(["miss"], self.ignore_lists.misses)
+        cache.add_metric(["failure"], self.ignore_lists.failures)
+        yield cache
         lists = CounterMetricFamily(
             "ignore_proxy_ignore_list_reads", "Ignore-list reads from the homeserver by result",
             labels=["result"],

@@ -417,3 +417,19 @@ async def test_own_user_id_is_never_in_the_list(
     assert store.current(ALICE) == {EVE}
     store.set(ALICE, frozenset({ALICE, MALLORY}))
     assert store.current(ALICE) == {MALLORY}
+
+
+async def test_hits_and_misses_are_counted() -> None:
+    client = httpx.AsyncClient(
+        base_url="http://hs.test",
+        transport=httpx.MockTransport(
+            lambda _: httpx.Response(404, json={"errcode": "M_NOT_FOUND"})
+        ),
+    )
+    store = IgnoreListStore(client, ttl=60, max_users=10)
+    creds = Credentials("t")
+    await store.ensure_fresh("@a:hs", creds)
+    await store.ensure_fresh("@a:hs", creds)
+    await store.ensure_fresh("@a:hs", creds)
+    assert (store.misses, store.hits, store.loads) == (1, 2, 1)
+    await client.aclose()
