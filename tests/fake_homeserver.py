@@ -83,7 +83,8 @@ class FakeHomeserver:
     def user_of(self, request: httpx.Request) -> str | None:
         auth = request.headers.get("authorization", "")
         query = parse_qs(request.url.query.decode())
-        token = auth.removeprefix("Bearer ") if auth else query.get("access_token", [""])[0]
+        scheme, _, header_token = auth.partition(" ")
+        token = header_token if scheme.lower() == "bearer" else query.get("access_token", [""])[0]
         if token == self.appservice_token:
             return query.get("user_id", ["@as_bot:hs"])[0]
         return self.tokens.get(token)
