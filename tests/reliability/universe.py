@@ -60,7 +60,7 @@ class Universe:
         for i, user in enumerate(everyone):
             hs.tokens[token(i)] = user
             others = [u for u in everyone if u != user]
-            ignored = frozenset(rng.sample(others, rng.randint(0, 12))) if i % 10 else frozenset()
+            ignored = frozenset(rng.sample(others, rng.randint(0, min(12, len(others))))) if i % 10 else frozenset()
             self.ignores[user] = ignored
             if ignored:
                 hs.ignore(user, *sorted(ignored))
