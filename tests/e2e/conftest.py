@@ -43,6 +43,7 @@ class Stack:
         self._synapses: dict[Mode, SynapseServer] = {}
         self._proxies: dict[Mode, ProxyServer] = {}
         self._nginx: dict[tuple[Mode, str], NginxServer] = {}
+        self._rejecting: dict[Mode, ProxyServer] = {}
 
     def synapse(self, mode: Mode) -> SynapseServer:
         if mode not in self._synapses:
@@ -56,6 +57,18 @@ class Stack:
             upstream = self.synapse(mode).url
             self._proxies[mode] = start_proxy(self.root / f"proxy-{mode}", upstream)
         return self._proxies[mode]
+
+    def rejecting_proxy(self, mode: Mode) -> ProxyServer:
+        """A second proxy in front of the same homeserver, with ``ignore.reject_invites``
+        switched on (through its environment variable)."""
+        if mode not in self._rejecting:
+            upstream = self.synapse(mode).url
+            self._rejecting[mode] = start_proxy(
+                self.root / f"proxy-{mode}-reject-invites",
+                upstream,
+                {"IGNORE_PROXY_IGNORE_REJECT_INVITES": "true"},
+            )
+        return self._rejecting[mode]
 
     def nginx(self, mode: Mode, shipped: str) -> NginxServer:
         key = (mode, shipped)
@@ -75,7 +88,7 @@ class Stack:
 
     def stop(self) -> None:
         # Front to back, so nothing logs errors about a vanished upstream longer than needed.
-        for servers in (self._nginx, self._proxies, self._synapses):
+        for servers in (self._nginx, self._proxies, self._rejecting, self._synapses):
             for server in servers.values():
                 server.stop()
             servers.clear()
