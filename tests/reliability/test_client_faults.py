@@ -1,0 +1,173 @@
+"""Client faults against the real proxy: disconnects mid long-poll and mid download, slow
+readers, request bodies over the configured limit, headers over uvicorn's limit."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections.abc import Iterator
+
+import pytest
+
+from ..servers import ProxyProcess, run_proxy
+from .harness import (
+    SYNC,
+    Conn,
+    MiniHomeserver,
+    RawUpstream,
+    Request,
+    fetch,
+    open_fds,
+    raw_upstream,
+    request_bytes,
+    rss_kib,
+    wait_until,
+)
+
+BODY_LIMIT = 1000
+MEDIA = "/_matrix/media/v3/download/hs/big"
+
+
+class Events:
+    def __init__(self) -> None:
+        self.peer_closed: list[float] = []
+        self.bytes_sent = 0
+
+
+@pytest.fixture(scope="module")
+def events() -> Events:
+    return Events()
+
+
+@pytest.fixture(scope="module")
+def upstream(events: Events) -> Iterator[RawUpstream]:
+    async def route(req: Request, conn: Conn) -> bool:
+        if "timeout=" in req.target.decode():  # a long-poll: hold until the proxy hangs up
+            if await conn.idle(30):
+                events.peer_closed.append(time.monotonic())
+            return False
+        if req.path.startswith("/_matrix/media/"):  # 64 MB, as fast as the peer reads
+            size = 64 * 1024 * 1024
+            await conn.send(b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % size)
+            chunk = b"m" * 65536
+            try:
+                for _ in range(size // len(chunk)):
+                    await conn.send(chunk)
+                    events.bytes_sent += len(chunk)
+            except ConnectionError:
+                events.peer_closed.append(time.monotonic())
+                return False
+            return True
+        await conn.json(200, {"body_size": len(req.body)})
+        return True
+
+    with raw_upstream(MiniHomeserver(route=route)) as server:
+        yield server
+
+
+@pytest.fixture(scope="module")
+def proxy(upstream: RawUpstream) -> Iterator[ProxyProcess]:
+    env = {
+        "IGNORE_PROXY_LIMITS_MAX_REQUEST_BODY": str(BODY_LIMIT),
+        "IGNORE_PROXY_LIMITS_MAX_KEEPALIVE_CONNECTIONS": "0",
+    }
+    with run_proxy(upstream.url, env) as process:
+        yield process
+
+
+@pytest.fixture
+def clean(proxy: ProxyProcess, upstream: RawUpstream) -> Iterator[ProxyProcess]:
+    assert wait_until(lambda: upstream.open == 0)
+    fds = open_fds(proxy.process.pid)
+    yield proxy
+    ok = asyncio.run(fetch(proxy.url, request_bytes("GET", SYNC, "alice-token")))
+    assert ok is not None and ok.status == 200, "the proxy stopped serving"
+    assert wait_until(lambda: upstream.open == 0), f"{upstream.open} upstream connections leaked"
+    assert wait_until(lambda: open_fds(proxy.process.pid) <= fds)
+
+
+async def open_raw(proxy: ProxyProcess) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+    host, port = proxy.url.removeprefix("http://").split(":")
+    return await asyncio.open_connection(host, int(port), limit=1 << 16)
+
+
+async def test_disconnect_mid_long_poll_releases_the_upstream(
+    clean: ProxyProcess, upstream: RawUpstream, events: Events
+) -> None:
+    closes = len(events.peer_closed)
+    reader, writer = await open_raw(clean)
+    writer.write(request_bytes("GET", SYNC + "?timeout=30000", "alice-token"))
+    assert await asyncio.to_thread(wait_until, lambda: upstream.open == 1)
+    await asyncio.sleep(0.2)
+    hung_up = time.monotonic()
+    writer.transport.abort()
+    assert await asyncio.to_thread(wait_until, lambda: len(events.peer_closed) > closes, 5)
+    print(f"long-poll: upstream released {events.peer_closed[-1] - hung_up:.3f}s after hang-up")
+
+
+async def test_disconnect_mid_download_and_slow_reader(
+    clean: ProxyProcess, upstream: RawUpstream, events: Events
+) -> None:
+    """A slow reader holds back the upstream (no buffering of the whole 64 MB in the
+    proxy); hanging up stops the upstream transfer."""
+    pid = clean.process.pid
+    rss_before = rss_kib(pid)
+    closes, sent_before = len(events.peer_closed), events.bytes_sent
+    reader, writer = await open_raw(clean)
+    writer.write(request_bytes("GET", MEDIA))
+    got = 0
+    started = time.monotonic()
+    while time.monotonic() - started < 1.5:  # ~1 MB/s
+        got += len(await reader.read(16384))
+        await asyncio.sleep(0.015)
+    # the other users meanwhile
+    fast = time.monotonic()
+    answer = await fetch(clean.url, request_bytes("GET", SYNC, "alice-token"))
+    fast = time.monotonic() - fast
+    assert answer is not None and answer.status == 200 and fast < 1
+    ahead = events.bytes_sent - sent_before - got
+    rss_growth = rss_kib(pid) - rss_before
+    writer.transport.abort()
+    assert await asyncio.to_thread(wait_until, lambda: len(events.peer_closed) > closes, 5)
+    print(f"slow reader: read {got >> 10} KiB, upstream ahead by {ahead >> 10} KiB, "
+          f"proxy RSS +{rss_growth} KiB, a sync meanwhile {fast * 1000:.0f} ms")  # fmt: skip
+    assert ahead < 16 * 1024 * 1024, "the proxy buffers for a slow reader"
+    assert rss_growth < 32 * 1024
+
+
+@pytest.mark.parametrize("chunked", [False, True])
+@pytest.mark.parametrize("path", ["/_matrix/client/v3/rooms/!r:hs/send/m.room.message/1",
+                                  "/_matrix/client/v3/search"])  # fmt: skip
+async def test_request_body_over_the_limit_is_413(
+    clean: ProxyProcess, upstream: RawUpstream, chunked: bool, path: str
+) -> None:
+    before = len(upstream.requests)
+    body = b"x" * (BODY_LIMIT * 5)
+    if chunked:
+        head = request_bytes("POST", path, "alice-token", {"Transfer-Encoding": "chunked"})
+        raw = head + b"%x\r\n%s\r\n0\r\n\r\n" % (len(body), body)
+    else:
+        raw = request_bytes("POST", path, "alice-token", body=body)
+    answer = await fetch(clean.url, raw)
+    assert answer is not None and answer.status == 413, answer
+    assert answer.json()["errcode"] == "M_TOO_LARGE"
+    full = [r for r in upstream.requests[before:] if len(r.body) >= len(body)]
+    assert not full, "the whole oversized body reached the upstream"
+    small = await fetch(clean.url, request_bytes("POST", path, "alice-token", body=b"{}"))
+    assert small is not None and small.status == 200
+
+
+@pytest.mark.parametrize("size", [8 * 1024, 100 * 1024, 1024 * 1024])
+async def test_huge_headers(clean: ProxyProcess, upstream: RawUpstream, size: int) -> None:
+    """What uvicorn (httptools) does with huge headers: the proxy must answer or close
+    promptly, never hang or die, and keep serving."""
+    before = len(upstream.requests)
+    raw = request_bytes("GET", SYNC, "alice-token", {"X-Big": "h" * size})
+    started = time.monotonic()
+    answer = await fetch(clean.url, raw, timeout=10)
+    took = time.monotonic() - started
+    status = None if answer is None else answer.status
+    print(f"header of {size >> 10} KiB: status {status} in {took * 1000:.0f} ms, "
+          f"forwarded: {len(upstream.requests) > before}")  # fmt: skip
+    assert took < 5
+    assert clean.process.poll() is None
