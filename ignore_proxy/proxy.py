@@ -219,8 +219,8 @@ class Proxy:
                     self.metrics.long_polls.dec()
             self.metrics.upstream_latency.labels(exchange.route).observe(time.perf_counter() - sent)
             try:
-                if response.status_code == 401 and call is not None and call.creds is not None:
-                    self.identity.forget_token(call.creds.access_token)
+                if response.status_code == 401:
+                    self._forget_rejected_token(call, headers, query)
                 if call is None:
                     await relay(exchange.send, response)
                 else:
@@ -230,6 +230,14 @@ class Proxy:
         finally:
             if call is not None:
                 call.cancel_lookups()
+
+    def _forget_rejected_token(
+        self, call: _Call | None, headers: list[tuple[bytes, bytes]], query: bytes
+    ) -> None:
+        """Any 401 means the token -> user mapping may be stale (revoked elsewhere)."""
+        creds = call.creds if call is not None else credentials_from_request(headers, query)
+        if creds is not None:
+            self.identity.forget_token(creds.access_token)
 
     async def _checked_ignore_list(self, call: _Call) -> tuple[frozenset[str], bytes] | None:
         """Read and check a client's new ignore list; None when the proxy answered an error."""

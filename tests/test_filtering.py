@@ -509,3 +509,15 @@ async def test_logout_and_device_changes_forget_cached_tokens(
         homeserver.tokens.update({"alice-token": CHARLIE, "alice-phone": CHARLIE})
         assert "$b1" in timeline(await laptop.get(SYNC))
         assert ("$b1" in timeline(await phone.get(SYNC))) is phone_forgotten
+
+
+async def test_a_401_on_any_endpoint_forgets_the_token(homeserver: FakeHomeserver) -> None:
+    app = build_app(homeserver)
+    async with client_for(app, "alice-token") as alice:
+        await alice.get(SYNC)
+        homeserver.tokens["alice-token"] = CHARLIE  # revoked, and the string reused
+        homeserver.answers[("GET", "/pushrules/")] = lambda _: httpx.Response(
+            401, json={"errcode": "M_UNKNOWN_TOKEN", "error": "gone"}
+        )
+        assert (await alice.get("/_matrix/client/v3/pushrules/")).status_code == 401
+        assert "$b1" in timeline(await alice.get(SYNC))
