@@ -256,8 +256,10 @@ class IdentityResolver:
             if response.status_code == 401:  # the token is dead for every user it acted as
                 for key in list(self._by_token.get(creds.access_token, ())):
                     self._drop(key)
-            if not flight.stale:
-                self._negative[creds] = True
+            # Cached even when the flight went stale: a rejected token never becomes valid,
+            # and the proxy forgets a token on every upstream 401, which would otherwise
+            # abandon each lookup of a dead token and leave the negative cache empty.
+            self._negative[creds] = True
             return None
         user_id = _whoami_user_id(response)
         if user_id is None:
