@@ -1,5 +1,6 @@
 """The legacy endpoints (``GET /events``, global ``GET /initialSync``), typing and read
-receipts in /sync's ephemeral section, and ``ignore.reject_invites``.
+receipts in /sync's ephemeral section, ``ignore.reject_invites``, and the ignore list
+learned from sliding sync's account_data extension.
 
 These run on fewer targets than the rest (the proxy plain in front of both homeservers,
 and ``ignore-proxy-selected.conf``, whose regex routes are the ones that can miss a path):
@@ -233,3 +234,39 @@ async def test_reject_invites_leaves_rooms_ignored_users_invite_to(
         await asyncio.sleep(0.2)
     assert state == "leave", f"alice's membership in bob's room: {state}"
     assert await membership(w.charlie, charlie_room) == "invite"
+
+
+SLIDING_SYNC = "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync"
+
+
+async def _sliding_timeline(actor: Actor, room_id: str) -> list[JSON]:
+    body = {
+        "lists": {"all": {"ranges": [[0, 19]], "timeline_limit": 50, "required_state": []}},
+        "extensions": {"account_data": {"enabled": True}},
+    }
+    resp = await actor.request("POST", SLIDING_SYNC, json=body)
+    assert resp.status_code == 200, f"sliding sync: {resp.status_code} {resp.text}"
+    events: list[JSON] = resp.json().get("rooms", {}).get(room_id, {}).get("timeline", [])
+    return events
+
+
+@pytest.mark.parametrize("target", [("no-ignore", "proxy")], indirect=True, ids=["no-ignore"])
+async def test_ignore_list_learned_from_sliding_sync_account_data(
+    make_world: Any,
+) -> None:
+    """The proxy knows alice ignores nobody; she then ignores bob through another client,
+    straight at the homeserver. Her next sliding sync carries the new list in its
+    account_data extension, and the proxy applies it to that very answer."""
+    w: World = await make_world(alice_ignores_bob=False)
+    early = await w.bob.send_text(w.room_id, "before the ignore")
+    assert early in event_ids(await _sliding_timeline(w.alice, w.room_id))
+
+    direct = w.actor(w.alice.user, base_url=w.target.synapse.url)
+    await direct.set_ignored([w.bob.user_id])
+    bob_msg = await w.bob.send_text(w.room_id, "after the ignore")
+    sentinel = await w.charlie.send_text(w.room_id, "sentinel")
+
+    tl = await _sliding_timeline(w.alice, w.room_id)
+    assert sentinel in event_ids(tl)
+    assert not {early, bob_msg} & event_ids(tl)
+    assert w.bob.user_id not in senders(non_state(tl))
