@@ -115,6 +115,8 @@ class _Call:
         for task in (self.user, self.path_event):
             if task is not None and not task.done():
                 task.cancel()
+            elif task is not None and not task.cancelled():
+                task.exception()  # retrieved: no "never retrieved" ERROR per dead token
 
 
 class Proxy:
