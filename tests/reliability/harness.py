@@ -1,3 +1,4 @@
+# ruff: noqa: ASYNC109
 """Tools for the reliability suite: an HTTP/1.1 upstream written on raw asyncio sockets
 (so a test decides exactly when bytes flow, stall or the connection is cut, and counts
 every connection from the upstream's side), a raw HTTP client, and /proc readings of the
@@ -72,8 +73,11 @@ class Conn:
         self, status: int, body: bytes, ctype: bytes = b"application/json", extra: bytes = b""
     ) -> None:
         head = b"HTTP/1.1 %d X\r\ncontent-type: %s\r\ncontent-length: %d\r\n%s\r\n" % (
-            status, ctype, len(body), extra,
-        )  # fmt: skip
+            status,
+            ctype,
+            len(body),
+            extra,
+        )
         await self.send(head + body)
 
     async def json(self, status: int, value: Any) -> None:
@@ -89,9 +93,13 @@ Handler = Callable[[Request, Conn], Awaitable[bool | None]]  # False: close afte
 
 def message(event_id: str, sender: str, body: str = "hi") -> dict[str, Any]:
     return {
-        "type": "m.room.message", "event_id": event_id, "sender": sender,
-        "content": {"msgtype": "m.text", "body": body}, "origin_server_ts": 1, "room_id": ROOM,
-    }  # fmt: skip
+        "type": "m.room.message",
+        "event_id": event_id,
+        "sender": sender,
+        "content": {"msgtype": "m.text", "body": body},
+        "origin_server_ts": 1,
+        "room_id": ROOM,
+    }
 
 
 def sync_body(*events: dict[str, Any]) -> dict[str, Any]:
@@ -291,9 +299,12 @@ class Answer:
 
 
 def request_bytes(
-    method: str, target: str, token: str | None = None, headers: dict[str, str] | None = None,
+    method: str,
+    target: str,
+    token: str | None = None,
+    headers: dict[str, str] | None = None,
     body: bytes | None = None,
-) -> bytes:  # fmt: skip
+) -> bytes:
     lines = [f"{method} {target} HTTP/1.1", "Host: proxy", "Connection: close"]
     if token:
         lines.append(f"Authorization: Bearer {token}")

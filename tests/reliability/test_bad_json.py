@@ -1,3 +1,4 @@
+# ruff: noqa: UP031
 """Odd JSON inside events (huge integers, lone surrogates, deep nesting, duplicate keys,
 escaped spellings of a sender): the proxy neither crashes nor corrupts what it passes on,
 and an ignored sender stays hidden however their ID is spelled."""
@@ -37,9 +38,9 @@ async def test_odd_events_pass_intact_and_ignored_stay_hidden(kind: str) -> None
     kept = [event("$a1", f'"{ALICE}"', content), event("$c1", f'"{CHARLIE}"', content)]
     hidden = [event(f"$b{i}", spelling, content) for i, spelling in enumerate(BOB_SPELLINGS)]
     timeline = [kept[0], *hidden[:2], kept[1], *hidden[2:]]
-    body = (
-        b'{"next_batch":"s","rooms":{"join":{"%s":{"timeline":{"events":[%s]}}}}}'
-        % (ROOM.encode(), b",".join(timeline))
+    body = b'{"next_batch":"s","rooms":{"join":{"%s":{"timeline":{"events":[%s]}}}}}' % (
+        ROOM.encode(),
+        b",".join(timeline),
     )
     hs = FakeHomeserver()
     hs.ignore(ALICE, BOB)
@@ -61,3 +62,22 @@ async def test_odd_events_pass_intact_and_ignored_stay_hidden(kind: str) -> None
     for raw in hidden:
         assert raw not in response.content
     assert b"$b" not in response.content
+
+
+@pytest.mark.parametrize("spelling", BOB_SPELLINGS[1:])
+async def test_only_escaped_spellings_of_an_ignored_sender_are_still_hidden(spelling: str) -> None:
+    """No plain `@bob:hs` anywhere in the body: the fast "mentions nobody" check must not
+    wave it through."""
+    kept = event("$a1", f'"{ALICE}"', '{"body": "x"}')
+    body = b'{"next_batch":"s","rooms":{"join":{"%s":{"timeline":{"events":[%s,%s]}}}}}' % (
+        ROOM.encode(),
+        kept,
+        event("$b1", spelling, '{"body": "x"}'),
+    )
+    hs = FakeHomeserver()
+    hs.ignore(ALICE, BOB)
+    hs.answers[("GET", "/sync")] = body
+    async with client_for(build_app(hs), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 200 and kept in response.content
+    assert b"$b1" not in response.content

@@ -27,13 +27,39 @@ from .universe import ANCHOR, ROOM, Universe, check, events_in, token, uid
 
 FILTERED = [r for r in ROUTES if r.needs_ignore_list or r.single_event]
 EVENT_IDS = [f"$m-{uid(i)}" for i in range(4)] + [f"$s-{uid(1)}", f"$m-{ANCHOR}"]
-PARAMS = {"room_id": [ROOM], "event_id": EVENT_IDS, "rel_type": ["m.thread"],
-          "event_type": ["m.room.message"]}  # fmt: skip
-VERSIONS = [["r0"], ["v1"], ["v3"], ["unstable"], ["api", "v1"], ["V3"], ["R0"],
-            ["unstable", "org.matrix.simplified_msc3575"], ["v3", "org.matrix.msc3391"],
-            ["v2_alpha"]]  # fmt: skip
-SEPARATORS = ["/", "/", "/", "//", "///", "/./", "/%2e/", "/%2E/", "/zz/../", "/zz/%2e%2E/",
-              "/zz/%2E./", "%2F", "%2f"]  # fmt: skip
+PARAMS = {
+    "room_id": [ROOM],
+    "event_id": EVENT_IDS,
+    "rel_type": ["m.thread"],
+    "event_type": ["m.room.message"],
+}
+VERSIONS = [
+    ["r0"],
+    ["v1"],
+    ["v3"],
+    ["unstable"],
+    ["api", "v1"],
+    ["V3"],
+    ["R0"],
+    ["unstable", "org.matrix.simplified_msc3575"],
+    ["v3", "org.matrix.msc3391"],
+    ["v2_alpha"],
+]
+SEPARATORS = [
+    "/",
+    "/",
+    "/",
+    "//",
+    "///",
+    "/./",
+    "/%2e/",
+    "/%2E/",
+    "/zz/../",
+    "/zz/%2e%2E/",
+    "/zz/%2E./",
+    "%2F",
+    "%2f",
+]
 ENDINGS = ["", "", "/", "//", "/.", "/%2e"]
 VERSIONISH = re.compile(r"^(r0|v\d+|unstable|v\d+_alpha)$", re.IGNORECASE)
 ALL_IGNORES = {uid(0): {uid(1)}, uid(1): set(), uid(2): {uid(3), uid(0)}, uid(3): {uid(1), ANCHOR}}
@@ -164,7 +190,9 @@ class World(tuple):  # type: ignore[type-arg]
 
 
 @pytest.fixture(scope="module")
-def world() -> Iterator[tuple[asyncio.AbstractEventLoop, Universe, httpx.AsyncClient, dict[str, int]]]:
+def world() -> Iterator[
+    tuple[asyncio.AbstractEventLoop, Universe, httpx.AsyncClient, dict[str, int]]
+]:
     universe = Universe(users=4)
     hs = universe.homeserver
     hs.account_data.clear()
@@ -195,19 +223,26 @@ def served_user(universe: Universe, request: httpx.Request) -> str | None:
     return universe.homeserver.user_of(request)
 
 
-@settings(max_examples=1500, deadline=None, database=None,
-          suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow])
+@settings(
+    max_examples=1500,
+    deadline=None,
+    database=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 @given(case=fuzzed_request())
 def test_no_spelling_bypasses_the_filter(
     world: tuple[asyncio.AbstractEventLoop, Universe, httpx.AsyncClient, dict[str, int]],
     case: tuple[str, str, dict[str, str], str],
-) -> None:  # fmt: skip
+) -> None:
     loop, universe, client, figures = world
     method, raw_path, headers, query = case
     hs = universe.homeserver
     figures["cases"] += 1
     request = client.build_request(
-        method, "http://proxy.test/", headers={**headers, "x-fuzz-case": str(figures["cases"])}, json={} if method == "POST" else None
+        method,
+        "http://proxy.test/",
+        headers={**headers, "x-fuzz-case": str(figures["cases"])},
+        json={} if method == "POST" else None,
     )
     target = raw_path + ("?" + query if query else "")
     request.url = request.url.copy_with(raw_path=target.encode())
@@ -240,8 +275,11 @@ def test_no_spelling_bypasses_the_filter(
         q = parse_qs(query)
         ts, forward = int(q["ts"][0]), q["dir"][0] == "f"
         seen = [e for e in universe.messages if e["sender"] not in ignored]
-        found_events = [e for e in seen if (e["origin_server_ts"] >= ts if forward
-                                            else e["origin_server_ts"] <= ts)]  # fmt: skip
+        found_events = [
+            e
+            for e in seen
+            if (e["origin_server_ts"] >= ts if forward else e["origin_server_ts"] <= ts)
+        ]
         want = (found_events[0] if forward else found_events[-1]) if found_events else None
         if got != (want and want["event_id"]):
             figures["wrong_user"] += 1

@@ -1,3 +1,4 @@
+# ruff: noqa: RUF059
 """Client faults against the real proxy: disconnects mid long-poll and mid download, slow
 readers, request bodies over the configured limit, headers over uvicorn's limit."""
 
@@ -129,15 +130,18 @@ async def test_disconnect_mid_download_and_slow_reader(
     rss_growth = rss_kib(pid) - rss_before
     writer.transport.abort()
     assert await asyncio.to_thread(wait_until, lambda: len(events.peer_closed) > closes, 5)
-    print(f"slow reader: read {got >> 10} KiB, upstream ahead by {ahead >> 10} KiB, "
-          f"proxy RSS +{rss_growth} KiB, a sync meanwhile {fast * 1000:.0f} ms")  # fmt: skip
+    print(
+        f"slow reader: read {got >> 10} KiB, upstream ahead by {ahead >> 10} KiB, "
+        f"proxy RSS +{rss_growth} KiB, a sync meanwhile {fast * 1000:.0f} ms"
+    )
     assert ahead < 16 * 1024 * 1024, "the proxy buffers for a slow reader"
     assert rss_growth < 32 * 1024
 
 
 @pytest.mark.parametrize("chunked", [False, True])
-@pytest.mark.parametrize("path", ["/_matrix/client/v3/rooms/!r:hs/send/m.room.message/1",
-                                  "/_matrix/client/v3/search"])  # fmt: skip
+@pytest.mark.parametrize(
+    "path", ["/_matrix/client/v3/rooms/!r:hs/send/m.room.message/1", "/_matrix/client/v3/search"]
+)
 async def test_request_body_over_the_limit_is_413(
     clean: ProxyProcess, upstream: RawUpstream, chunked: bool, path: str
 ) -> None:
@@ -167,7 +171,9 @@ async def test_huge_headers(clean: ProxyProcess, upstream: RawUpstream, size: in
     answer = await fetch(clean.url, raw, timeout=10)
     took = time.monotonic() - started
     status = None if answer is None else answer.status
-    print(f"header of {size >> 10} KiB: status {status} in {took * 1000:.0f} ms, "
-          f"forwarded: {len(upstream.requests) > before}")  # fmt: skip
+    print(
+        f"header of {size >> 10} KiB: status {status} in {took * 1000:.0f} ms, "
+        f"forwarded: {len(upstream.requests) > before}"
+    )
     assert took < 5
     assert clean.process.poll() is None

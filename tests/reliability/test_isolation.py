@@ -33,8 +33,9 @@ async def hammer(
     problems: list[str] = []
     sent_events: dict[str, list[dict[str, Any]]] = {}
 
-    async def one(i: int, client: httpx.AsyncClient, name: str, method: str, path: str,
-                  body: Any) -> None:  # fmt: skip
+    async def one(
+        i: int, client: httpx.AsyncClient, name: str, method: str, path: str, body: Any
+    ) -> None:
         user = uid(i)
         params = {"user_id": user} if appservice else {}
         response = await client.request(method, path, json=body, params=params)
@@ -82,14 +83,21 @@ async def hammer(
         )
         figures["requests"] += 1
         seen = [e for e in universe.messages if e["sender"] not in universe.ignores[user]]
-        found = [e for e in seen if (e["origin_server_ts"] >= ts if forward
-                                     else e["origin_server_ts"] <= ts)]  # fmt: skip
+        found = [
+            e
+            for e in seen
+            if (e["origin_server_ts"] >= ts if forward else e["origin_server_ts"] <= ts)
+        ]
         want = (found[0] if forward else found[-1])["event_id"] if found else None
         got = response.json().get("event_id") if response.status_code == 200 else None
         if got != want:
             by_ignored = got is not None and universe.by_id[got]["sender"] in universe.ignores[user]
-            record(user, Verdict(leaked=[f"ts:{ts}:{got}"]) if by_ignored
-                   else Verdict(wrongly_removed=[f"ts:{ts}:{want}"]))  # fmt: skip
+            record(
+                user,
+                Verdict(leaked=[f"ts:{ts}:{got}"])
+                if by_ignored
+                else Verdict(wrongly_removed=[f"ts:{ts}:{want}"]),
+            )
 
     clients = [client_for(token(i)) for i in range(universe.users)]
     jobs = []
@@ -101,7 +109,9 @@ async def hammer(
         for event_id, path in universe.single_event_paths(rng, uid(i)):
             jobs.append(single(i, client, event_id, path))
         for _ in range(2):
-            jobs.append(nearest(i, client, rng.randrange(len(universe.messages)), rng.random() < 0.5))
+            jobs.append(
+                nearest(i, client, rng.randrange(len(universe.messages)), rng.random() < 0.5)
+            )
     rng.shuffle(jobs)
     try:
         await asyncio.gather(*jobs)
@@ -118,9 +128,10 @@ async def test_100_users_in_process() -> None:
 
     def client(tok: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://proxy.test",
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://proxy.test",
             headers={"Authorization": f"Bearer {tok}"},
-        )  # fmt: skip
+        )
 
     figures = await hammer(universe, client)
     print("isolation in process:", figures)
@@ -135,9 +146,10 @@ async def test_100_users_through_an_appservice_token() -> None:
 
     def client(_: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
-            transport=httpx.ASGITransport(app=app), base_url="http://proxy.test",
+            transport=httpx.ASGITransport(app=app),
+            base_url="http://proxy.test",
             headers={"Authorization": "Bearer as-token"},
-        )  # fmt: skip
+        )
 
     figures = await hammer(universe, client, appservice=True)
     print("isolation appservice:", figures)
@@ -162,23 +174,35 @@ class AsgiHomeserver:
             body += message.get("body", b"")
             if not message.get("more_body"):
                 break
-        target = scope["raw_path"] + (b"?" + scope["query_string"] if scope["query_string"] else b"")
+        target = scope["raw_path"] + (
+            b"?" + scope["query_string"] if scope["query_string"] else b""
+        )
         request = httpx.Request(
-            scope["method"], "http://hs.test" + target.decode("latin-1"),
-            headers=scope["headers"], content=body,
-        )  # fmt: skip
+            scope["method"],
+            "http://hs.test" + target.decode("latin-1"),
+            headers=scope["headers"],
+            content=body,
+        )
         response = self.hs.answer(request)
-        await send({"type": "http.response.start", "status": response.status_code,
-                    "headers": [(b"content-type", b"application/json")]})  # fmt: skip
+        await send(
+            {
+                "type": "http.response.start",
+                "status": response.status_code,
+                "headers": [(b"content-type", b"application/json")],
+            }
+        )
         await send({"type": "http.response.body", "body": response.content})
 
 
 def serve_universe(seed: int, port: int) -> None:
     """The entry point of the upstream process (`python -c`)."""
     config = uvicorn.Config(
-        AsgiHomeserver(Universe(seed=seed)), host="127.0.0.1", port=port, log_level="warning",
+        AsgiHomeserver(Universe(seed=seed)),
+        host="127.0.0.1",
+        port=port,
+        log_level="warning",
         backlog=4096,
-    )  # fmt: skip
+    )
     uvicorn.Server(config).run()
 
 
@@ -187,7 +211,10 @@ def universe_upstream(seed: int) -> Iterator[str]:
     """The fake homeserver in its own process, so that it does not share a GIL with the
     clients of the test."""
     port = free_port()
-    code = f"from tests.reliability.test_isolation import serve_universe; serve_universe({seed}, {port})"
+    code = (
+        "from tests.reliability.test_isolation import serve_universe; "
+        f"serve_universe({seed}, {port})"
+    )
     process = subprocess.Popen([sys.executable, "-c", code])
     url = f"http://127.0.0.1:{port}"
     try:
@@ -213,9 +240,11 @@ async def test_100_users_through_the_real_proxy() -> None:
 
         def client(tok: str) -> httpx.AsyncClient:
             return httpx.AsyncClient(
-                base_url=proxy.url, headers={"Authorization": f"Bearer {tok}"}, limits=limits,
+                base_url=proxy.url,
+                headers={"Authorization": f"Bearer {tok}"},
+                limits=limits,
                 timeout=60,
-            )  # fmt: skip
+            )
 
         figures = await hammer(universe, client, full=False)
     print("isolation real proxy:", figures)

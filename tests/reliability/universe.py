@@ -29,16 +29,25 @@ def token(i: int) -> str:
 
 def msg(sender: str, ts: int) -> dict[str, Any]:
     return {
-        "type": "m.room.message", "event_id": f"$m-{sender}", "sender": sender, "room_id": ROOM,
-        "content": {"msgtype": "m.text", "body": f"from {sender}"}, "origin_server_ts": ts,
-    }  # fmt: skip
+        "type": "m.room.message",
+        "event_id": f"$m-{sender}",
+        "sender": sender,
+        "room_id": ROOM,
+        "content": {"msgtype": "m.text", "body": f"from {sender}"},
+        "origin_server_ts": ts,
+    }
 
 
 def st(sender: str) -> dict[str, Any]:
     return {
-        "type": "m.room.member", "event_id": f"$s-{sender}", "sender": sender, "room_id": ROOM,
-        "state_key": sender, "content": {"membership": "join"}, "origin_server_ts": 0,
-    }  # fmt: skip
+        "type": "m.room.member",
+        "event_id": f"$s-{sender}",
+        "sender": sender,
+        "room_id": ROOM,
+        "state_key": sender,
+        "content": {"membership": "join"},
+        "origin_server_ts": 0,
+    }
 
 
 @dataclass
@@ -60,7 +69,11 @@ class Universe:
         for i, user in enumerate(everyone):
             hs.tokens[token(i)] = user
             others = [u for u in everyone if u != user]
-            ignored = frozenset(rng.sample(others, rng.randint(0, min(12, len(others))))) if i % 10 else frozenset()
+            ignored = (
+                frozenset(rng.sample(others, rng.randint(0, min(12, len(others)))))
+                if i % 10
+                else frozenset()
+            )
             self.ignores[user] = ignored
             if ignored:
                 hs.ignore(user, *sorted(ignored))
@@ -73,8 +86,9 @@ class Universe:
             if key not in self._cache:
                 self._cache[key] = self._answer(request, path)
             status, content = self._cache[key]
-            return httpx.Response(status, content=content,
-                                  headers={"content-type": "application/json"})  # fmt: skip
+            return httpx.Response(
+                status, content=content, headers={"content-type": "application/json"}
+            )
         status, content = self._answer(request, path)
         return httpx.Response(status, content=content, headers={"content-type": "application/json"})
 
@@ -83,8 +97,17 @@ class Universe:
         m, s = self.messages, self.states
         body: Any
         if path == "/sync" and request.method == "GET":
-            body = {"next_batch": "n", "rooms": {"join": {ROOM: {
-                "timeline": {"events": [*m, *s], "limited": False}, "state": {"events": s}}}}}
+            body = {
+                "next_batch": "n",
+                "rooms": {
+                    "join": {
+                        ROOM: {
+                            "timeline": {"events": [*m, *s], "limited": False},
+                            "state": {"events": s},
+                        }
+                    }
+                },
+            }
         elif path == "/sync":
             body = {"pos": "1", "rooms": {ROOM: {"timeline": [*m, *s], "required_state": s}}}
         elif parts[1:2] == ["rooms"] and len(parts) > 3:
@@ -92,8 +115,14 @@ class Universe:
             if rest[0] == "messages":
                 body = {"chunk": [*m, *s], "start": "a", "end": "b", "state": s}
             elif rest[0] == "context":
-                body = {"event": self.by_id[rest[1]], "events_before": m, "events_after": s,
-                        "state": s, "start": "a", "end": "b"}
+                body = {
+                    "event": self.by_id[rest[1]],
+                    "events_before": m,
+                    "events_after": s,
+                    "state": s,
+                    "start": "a",
+                    "end": "b",
+                }
             elif rest[0] == "event":
                 body = self.by_id.get(rest[1])
                 if body is None:
@@ -103,17 +132,27 @@ class Universe:
             elif rest[0] == "threads":
                 body = {"chunk": m}
             elif rest[0] == "initialSync":
-                body = {"room_id": ROOM, "membership": "join",
-                        "messages": {"chunk": [*m, *s], "start": "a", "end": "b"}, "state": s}
+                body = {
+                    "room_id": ROOM,
+                    "membership": "join",
+                    "messages": {"chunk": [*m, *s], "start": "a", "end": "b"},
+                    "state": s,
+                }
             elif rest[0] == "timestamp_to_event":
                 query = parse_qs(request.url.query.decode())
                 ts, forward = int(query["ts"][0]), query.get("dir", ["f"])[0] == "f"
-                found = [e for e in m if (e["origin_server_ts"] >= ts if forward
-                                          else e["origin_server_ts"] <= ts)]
+                found = [
+                    e
+                    for e in m
+                    if (e["origin_server_ts"] >= ts if forward else e["origin_server_ts"] <= ts)
+                ]
                 if not found:
                     return 404, b'{"errcode": "M_NOT_FOUND", "error": "none"}'
                 event = found[0] if forward else found[-1]
-                body = {"event_id": event["event_id"], "origin_server_ts": event["origin_server_ts"]}
+                body = {
+                    "event_id": event["event_id"],
+                    "origin_server_ts": event["origin_server_ts"],
+                }
             else:
                 return 404, b'{"errcode": "M_UNRECOGNIZED", "error": "no"}'
         elif parts[1:2] == ["events"] and len(parts) == 3:
@@ -126,12 +165,24 @@ class Universe:
             results = [{"rank": 1.0, "result": e} for e in m + s]
             body = {"search_categories": {"room_events": {"results": results, "count": 1}}}
         elif path == "/notifications":
-            body = {"notifications": [
-                {"event": e, "room_id": ROOM, "actions": [], "read": False, "ts": 1} for e in m]}
+            body = {
+                "notifications": [
+                    {"event": e, "room_id": ROOM, "actions": [], "read": False, "ts": 1} for e in m
+                ]
+            }
         elif path == "/initialSync":
-            body = {"end": "e", "presence": [], "rooms": [
-                {"room_id": ROOM, "membership": "join", "state": s,
-                 "messages": {"chunk": [*m, *s], "start": "a", "end": "b"}}]}
+            body = {
+                "end": "e",
+                "presence": [],
+                "rooms": [
+                    {
+                        "room_id": ROOM,
+                        "membership": "join",
+                        "state": s,
+                        "messages": {"chunk": [*m, *s], "start": "a", "end": "b"},
+                    }
+                ],
+            }
         else:
             return 404, b'{"errcode": "M_UNRECOGNIZED", "error": "no"}'
         return 200, json.dumps(body).encode()
@@ -145,21 +196,29 @@ class Universe:
         anchor = f"$m-{ANCHOR}"
         return [
             ("sync", "GET", f"{v3}/sync", None),
-            ("sliding_sync", "POST",
-             "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", {}),
+            (
+                "sliding_sync",
+                "POST",
+                "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+                {},
+            ),
             ("messages", "GET", f"{room}/messages", None),
             ("context", "GET", f"{room}/context/{anchor}", None),
             ("events", "GET", f"{v3}/events", None),
             ("relations", "GET", f"{v1}/rooms/{ROOM}/relations/{anchor}", None),
             ("relations", "GET", f"{v1}/rooms/{ROOM}/relations/{anchor}/m.thread", None),
-            ("relations", "GET", f"{v1}/rooms/{ROOM}/relations/{anchor}/m.thread/m.room.message",
-             None),
+            (
+                "relations",
+                "GET",
+                f"{v1}/rooms/{ROOM}/relations/{anchor}/m.thread/m.room.message",
+                None,
+            ),
             ("threads", "GET", f"{v1}/rooms/{ROOM}/threads", None),
             ("search", "POST", f"{v3}/search", {"search_categories": {"room_events": {}}}),
             ("notifications", "GET", f"{v3}/notifications", None),
             ("initial_sync", "GET", f"{v3}/initialSync", None),
             ("room_initial_sync", "GET", f"{room}/initialSync", None),
-        ]  # fmt: skip
+        ]
 
     def single_event_paths(self, rng: random.Random, user: str) -> list[tuple[str, str]]:
         """(event_id, path) for a few single-event requests, ignored senders' among them."""
