@@ -9,6 +9,7 @@ from urllib.parse import parse_qsl
 import httpx
 
 from .config import Settings
+from .transport import AiohttpTransport
 
 RawHeaders = list[tuple[bytes, bytes]]
 
@@ -54,7 +55,13 @@ def create_client(
         cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
         follow_redirects=False,
         trust_env=False,
-        transport=transport or httpx.AsyncHTTPTransport(limits=limits, retries=0),
+        # aiohttp underneath: httpcore was the bottleneck (see transport.py, README Benchmarks).
+        transport=transport
+        or AiohttpTransport(
+            max_connections=settings.limits.max_connections,
+            max_keepalive_connections=settings.limits.max_keepalive_connections,
+            keepalive_expiry=30.0,
+        ),
     )
 
 
