@@ -35,6 +35,7 @@ class IgnoreProxyApp:
             max_size=settings.identity.cache_size,
             ttl=settings.identity.cache_ttl,
             negative_ttl=settings.identity.negative_ttl,
+            max_concurrent=settings.identity.max_concurrent_lookups,
         )
         self.ignore_lists = IgnoreListStore(
             self.client, ttl=settings.ignore.list_ttl, max_users=settings.ignore.list_cache_size

@@ -53,12 +53,16 @@ class Limits(_Section, frozen=True):
     max_rewrite_body: PositiveInt = 256 * 1024 * 1024
     # Client JSON bodies the proxy must parse itself (ignore-list writes).
     max_json_body: PositiveInt = 4 * 1024 * 1024
+    # A request line and headers larger than this get 431 before anything is forwarded.
+    max_header_bytes: PositiveInt = 64 * 1024
 
 
 class Identity(_Section, frozen=True):
     cache_size: PositiveInt = 100_000
     cache_ttl: PositiveFloat = 300.0
     negative_ttl: PositiveFloat = 10.0
+    # whoami requests in flight at once; more wait (a flood of unknown tokens).
+    max_concurrent_lookups: PositiveInt = 32
 
 
 class Ignore(_Section, frozen=True):

@@ -178,9 +178,13 @@ class IdentityResolver:
         ttl: float,
         negative_ttl: float,
         negative_max_size: int = 1024,
+        max_concurrent: int = 32,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
+        # A flood of distinct unknown tokens must not become a flood of whoami calls:
+        # lookups past this many wait their turn.
+        self._slots = asyncio.Semaphore(max_concurrent)
         self._cache = _IndexedTTLCache(max_size, ttl, timer, self._unindex)
         self._negative: TTLCache[Credentials, bool] = TTLCache(
             negative_max_size, negative_ttl, timer
@@ -244,11 +248,12 @@ class IdentityResolver:
             self._landed(creds, flight)
 
     async def _whoami(self, creds: Credentials, flight: _Flight) -> str | None:
-        self.lookups += 1
         try:
-            response = await self._client.get(
-                WHOAMI_PATH, headers=creds.auth_headers(), params=creds.query_params()
-            )
+            async with self._slots:
+                self.lookups += 1
+                response = await self._client.get(
+                    WHOAMI_PATH, headers=creds.auth_headers(), params=creds.query_params()
+                )
         except httpx.HTTPError as exc:
             self.failures += 1
             raise IdentityUnavailable(f"whoami failed: {type(exc).__name__}") from None

@@ -14,6 +14,7 @@ import uvicorn
 from . import logs
 from .app import IgnoreProxyApp, create_app
 from .config import Settings, parse_host_port
+from .http_protocol import bounded_headers_protocol
 from .metrics import MetricsEndpoint
 
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
@@ -26,7 +27,10 @@ def uvicorn_config(settings: Settings, app: IgnoreProxyApp | None = None) -> uvi
         host=host,
         port=port,
         loop="uvloop" if importlib.util.find_spec("uvloop") else "asyncio",
-        http="httptools" if importlib.util.find_spec("httptools") else "h11",
+        http=bounded_headers_protocol(settings.limits.max_header_bytes)
+        if importlib.util.find_spec("httptools")
+        else "h11",
+        h11_max_incomplete_event_size=settings.limits.max_header_bytes,
         lifespan="on",
         # The upstream's own Server and Date headers go through; no second copy.
         server_header=False,

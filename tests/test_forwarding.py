@@ -252,3 +252,28 @@ def test_request_body_over_the_limit_is_413(upstream: tuple[Upstream, str]) -> N
         fits = httpx.post(proxy.url + "/upload", content=b"z" * 1000)
         assert fits.json()["body_size"] == 1000
         assert len(app.seen) == count + 1
+
+
+def test_headers_over_the_limit_get_431_and_are_not_forwarded(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    count = len(app.seen)
+    big = httpx.get(proxy.url + "/plain", headers={"X-Big": "a" * 100_000})
+    assert big.status_code == 431
+    assert big.json()["errcode"] == "M_UNKNOWN"
+    assert len(app.seen) == count
+    fits = httpx.get(proxy.url + "/plain", headers={"X-Big": "a" * 30_000})
+    assert fits.status_code == 200
+    assert (b"x-big", b"a" * 30_000) in app.last().headers
+    rss = proxy.peak_rss_kib()
+    with socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1]))) as sock:
+        sock.sendall(b"GET /plain HTTP/1.1\r\nHost: x\r\nX-Huge: ")
+        try:
+            for _ in range(1024):
+                sock.sendall(b"b" * 65536)
+        except OSError:
+            pass  # the proxy closed the connection: the point
+        answer = sock.recv(65536)
+    assert answer.startswith(b"HTTP/1.1 431")
+    assert proxy.peak_rss_kib() - rss < 16 * 1024

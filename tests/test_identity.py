@@ -429,3 +429,23 @@ async def test_reverse_indexes_stay_bounded_with_the_cache(
     clock.now += 61
     await resolver.resolve(Credentials("fresh"))
     assert len(resolver._by_user) == len(resolver._by_token) == len(resolver) == 1
+
+
+async def test_lookups_in_flight_are_bounded() -> None:
+    in_flight = peak = 0
+
+    async def whoami(request: httpx.Request) -> httpx.Response:
+        nonlocal in_flight, peak
+        in_flight += 1
+        peak = max(peak, in_flight)
+        await asyncio.sleep(0.01)
+        in_flight -= 1
+        return httpx.Response(401, json={"errcode": "M_UNKNOWN_TOKEN", "error": "no"})
+
+    client = httpx.AsyncClient(base_url="http://hs.test", transport=httpx.MockTransport(whoami))
+    resolver = IdentityResolver(client, max_size=10, ttl=60, negative_ttl=60, max_concurrent=4)
+    results = await asyncio.gather(*(resolver.resolve(Credentials(f"t{i}")) for i in range(40)))
+    assert results == [None] * 40
+    assert peak == 4
+    assert resolver.lookups == 40
+    await client.aclose()
