@@ -50,10 +50,14 @@ def _room_path(version: str, room_id: str, *rest: str) -> str:
     return f"/_matrix/client/{version}/rooms/{parts}"
 
 
+class LookupFailed(Exception):
+    """The homeserver could not say who sent an event (down, 5xx, or garbage)."""
+
+
 async def fetch_event_head(
     client: httpx.AsyncClient, creds: Credentials, room_id: str, event_id: str
-) -> EventHead | None:
-    """Who sent an event; None when that cannot be learned now."""
+) -> EventHead:
+    """Who sent an event: HIDDEN if the homeserver will not show it to the user."""
     try:
         response = await client.get(
             _room_path("v3", room_id, "event", event_id),
@@ -61,16 +65,15 @@ async def fetch_event_head(
             params=creds.query_params(),
         )
     except httpx.TransportError as exc:
-        log.warning("event lookup failed: %s", type(exc).__name__)
-        return None
-    if response.status_code == 404:
+        raise LookupFailed(type(exc).__name__) from None
+    if 400 <= response.status_code < 500:
         return HIDDEN
     if response.status_code != 200:
-        return None
+        raise LookupFailed(f"status {response.status_code}")
     try:
         head = msgspec.json.decode(response.content, type=_Head)
     except msgspec.DecodeError:
-        return None
+        raise LookupFailed("not an event") from None
     return EventHead(head.sender, head.state_key is not msgspec.UNSET)
 
 
@@ -82,7 +85,8 @@ async def nearest_unignored_event(
     answer: bytes,
     ignored: frozenset[str],
 ) -> bytes | None:
-    """Step past events of ignored senders in the direction asked; None if none is left."""
+    """Step past events of ignored senders in the direction asked; None if none is left.
+    LookupFailed when the homeserver cannot tell: the answer is never given unchecked."""
     direction = query.get("dir", "f")
     step = 1 if direction == "f" else -1
     for _ in range(MAX_STEPS):
@@ -93,11 +97,7 @@ async def nearest_unignored_event(
         head = await fetch_event_head(client, creds, room_id, found.event_id)
         # An event the homeserver hides from the user (as Synapse does with ignored
         # senders' events) must not be the answer either.
-        if (
-            head is None
-            or head.is_state
-            or (head.sender is not None and head.sender not in ignored)
-        ):
+        if head.is_state or (head.sender is not None and head.sender not in ignored):
             return answer
         params = {**query, **creds.query_params(), "ts": str(found.origin_server_ts + step)}
         params.pop("access_token", None)
@@ -107,8 +107,10 @@ async def nearest_unignored_event(
                 headers=creds.auth_headers(),
                 params=params,
             )
-        except httpx.TransportError:
-            return None
+        except httpx.TransportError as exc:
+            raise LookupFailed(type(exc).__name__) from None
+        if response.status_code >= 500:
+            raise LookupFailed(f"status {response.status_code}")
         if response.status_code != 200:
             return None
         answer = response.content

@@ -521,3 +521,24 @@ async def test_a_401_on_any_endpoint_forgets_the_token(homeserver: FakeHomeserve
         )
         assert (await alice.get("/_matrix/client/v3/pushrules/")).status_code == 401
         assert "$b1" in timeline(await alice.get(SYNC))
+
+
+async def test_event_lookups_that_fail_refuse_rather_than_answer_unchecked(
+    homeserver: FakeHomeserver,
+) -> None:
+    broken = lambda _: httpx.Response(500, json={"errcode": "M_UNKNOWN", "error": "db"})  # noqa: E731
+    homeserver.answers[("GET", f"/rooms/{ROOM}/event/$b1")] = broken
+    homeserver.answers[("GET", f"/rooms/{ROOM}/relations/$b1")] = {"chunk": []}
+    homeserver.answers[("GET", f"/rooms/{ROOM}/timestamp_to_event")] = {
+        "event_id": "$b1", "origin_server_ts": 5
+    }  # fmt: skip
+    app = build_app(homeserver)
+    async with client_for(app, "alice-token") as alice:
+        relations = await alice.get(f"/_matrix/client/v1/rooms/{ROOM}/relations/$b1")
+        nearest = await alice.get(
+            f"/_matrix/client/v1/rooms/{ROOM}/timestamp_to_event", params={"ts": 1, "dir": "f"}
+        )
+    for response in (relations, nearest):
+        assert response.status_code == 502
+        assert response.json()["errcode"] == "M_UNKNOWN"
+        assert "$b1" not in response.text
