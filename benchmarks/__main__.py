@@ -259,8 +259,9 @@ class Bench:
             f"max {beside.max_ms:.0f} ms | | (reported) | | |"
         )
         print()
-        print(f"ignore-proxy benchmark: {self.args.rounds} round(s) x {self.args.duration} s, "
-              f"wrk {self.args.connections} connections, load average at end {_load()}")  # fmt: skip
+        args = self.args
+        print(f"ignore-proxy benchmark: {args.rounds} round(s) x {args.duration} s, "
+              f"wrk {args.connections} connections, load average at end {_load()}")  # fmt: skip
         print("\n".join(rows))
         print(f"\n{'all targets met' if not failed else f'{failed} target(s) not met'}")
         return 0

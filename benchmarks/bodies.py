@@ -21,7 +21,11 @@ IGNORE_LIST = {"ignored_users": {IGNORED: {}}}
 PUSHRULES = {"global": {"content": [], "override": [], "room": [], "sender": [],
                         "underride": []}}  # fmt: skip
 
-_WORDS = ["hello", "world", "matrix", "proxy", "sync", "room", "event", "ignore", "filter", "message", "reply", "thread", "café", "naïve", "☃", "😀", "lorem", "ipsum", "dolor", "sit", "amet"]  # fmt: skip
+_WORDS = [
+    "hello", "world", "matrix", "proxy", "sync", "room", "event", "ignore", "filter",
+    "message", "reply", "thread", "caf\u00e9", "na\u00efve", "\u2603", "\U0001f600",
+    "lorem", "ipsum", "dolor", "sit", "amet",
+]  # fmt: skip
 
 
 def _dumps(value: object) -> bytes:

@@ -77,8 +77,9 @@ async def _one(port: int, request: bytes, results: list[float], failures: list[s
 
 
 async def poll_all(port: int, count: int) -> tuple[list[float], list[str]]:
-    request = (f"GET /_matrix/client/v3/sync?since=s1_0_0&timeout={int(HOLD * 1000)} HTTP/1.1\r\n"
-               f"Host: bench.example\r\nAuthorization: Bearer {bodies.TOKEN}\r\n\r\n").encode()  # fmt: skip
+    target = f"/_matrix/client/v3/sync?since=s1_0_0&timeout={int(HOLD * 1000)}"
+    request = (f"GET {target} HTTP/1.1\r\nHost: bench.example\r\n"
+               f"Authorization: Bearer {bodies.TOKEN}\r\n\r\n").encode()  # fmt: skip
     results: list[float] = []
     failures: list[str] = []
     await asyncio.gather(*(_one(port, request, results, failures) for _ in range(count)))
