@@ -8,6 +8,7 @@ input bytes". Only what a decision needs is ever decoded.
 from __future__ import annotations
 
 from bisect import bisect_right
+from collections.abc import Callable
 from itertools import accumulate
 from typing import Any, Final
 
@@ -30,6 +31,9 @@ __all__ = [
     "DROP",
     "Head",
     "Run",
+    "drop_ignored_keys",
+    "edit_items",
+    "edit_members",
     "filter_events",
     "filter_receipt_content",
     "fix_event",
@@ -188,6 +192,79 @@ class Run:
         """Is this an ignored sender's non-state event?"""
         return head.sender is not None and head.sender in self.ignored and not head.is_state
 
+    def hides_invite(self, head: Head) -> bool:
+        """Is this an invite of the requesting user by an ignored user?"""
+        return head.sender in self.ignored and is_invite_for(head, self.ctx.user_id)
+
+
+# --- walking arrays and objects -------------------------------------------------------
+
+
+def edit_items(
+    raw: Raw, run: Run, fn: Callable[[Raw], Raw | None], *, one_search: bool = False
+) -> Raw | None:
+    """Array ``raw`` with each item that may mention an ignored user replaced by
+    ``fn(item)``: None keeps the item, DROP removes it (``fn`` counts what it removes).
+    None if nothing changed or ``raw`` is not an array. ``one_search``: find those items
+    with ``run.relevant_items`` instead of one search per item (the same items)."""
+    if not run.relevant(raw):
+        return None
+    items = split_array(raw)
+    if items is None:
+        return None
+    out: list[Raw] = []
+    changed = False
+    relevant = run.relevant_items(raw, items) if one_search else None
+    for index, item in enumerate(items):
+        if not (run.relevant(item) if relevant is None else index in relevant):
+            out.append(item)
+            continue
+        new = fn(item)
+        if new is None:
+            out.append(item)
+        else:
+            changed = True
+            if new is not DROP:
+                out.append(new)
+    return encode_array(out) if changed else None
+
+
+def edit_members(
+    raw: Raw, run: Run, fn: Callable[[str, Raw], Raw | None], *, drop_empty: bool = False
+) -> Raw | None:
+    """Object ``raw`` with each member that may mention an ignored user replaced by
+    ``fn(key, value)``: None keeps it, DROP removes it. None if nothing changed or
+    ``raw`` is not an object; with ``drop_empty``, DROP if no member is left."""
+    if not run.relevant(raw):
+        return None
+    members = split_object(raw)
+    if members is None:
+        return None
+    changed = False
+    for key, value in list(members.items()):
+        if not run.relevant(value):
+            continue
+        new = fn(key, value)
+        if new is None:
+            continue
+        changed = True
+        if new is DROP:
+            del members[key]
+        else:
+            members[key] = new
+    if not changed:
+        return None
+    return DROP if drop_empty and not members else encode_object(members)
+
+
+def drop_ignored_keys(members: dict[str, Raw], run: Run) -> bool:
+    """Remove (and count) the members keyed by an ignored user ID; True if any was."""
+    hidden = [key for key in members if key in run.ignored]
+    for key in hidden:
+        del members[key]
+    run.removed += len(hidden)
+    return bool(hidden)
+
 
 # --- bundled aggregations -------------------------------------------------------------
 
@@ -279,41 +356,17 @@ def filter_receipt_content(raw: Raw, run: Run) -> Raw | None:
 
     Containers that become empty are dropped; DROP if nothing is left at all.
     """
-    by_event = split_object(raw)
-    if by_event is None:
-        return None
-    changed = False
-    for event_id, types_raw in list(by_event.items()):
-        if not run.relevant(types_raw):
-            continue
-        by_type = split_object(types_raw)
-        if by_type is None:
-            continue
-        types_changed = False
-        for receipt_type, users_raw in list(by_type.items()):
-            users = split_object(users_raw)
-            if users is None:
-                continue
-            hidden = [uid for uid in users if uid in run.ignored]
-            if not hidden:
-                continue
-            for uid in hidden:
-                del users[uid]
-            run.removed += len(hidden)
-            types_changed = True
-            if users:
-                by_type[receipt_type] = encode_object(users)
-            else:
-                del by_type[receipt_type]
-        if types_changed:
-            changed = True
-            if by_type:
-                by_event[event_id] = encode_object(by_type)
-            else:
-                del by_event[event_id]
-    if not changed:
-        return None
-    return encode_object(by_event) if by_event else DROP
+
+    def users(_: str, users_raw: Raw) -> Raw | None:
+        by_user = split_object(users_raw)
+        if by_user is None or not drop_ignored_keys(by_user, run):
+            return None
+        return encode_object(by_user) if by_user else DROP
+
+    def by_type(_: str, types_raw: Raw) -> Raw | None:
+        return edit_members(types_raw, run, users, drop_empty=True)
+
+    return edit_members(raw, run, by_type, drop_empty=True)
 
 
 def filter_receipt(raw: Raw, run: Run) -> Raw | None:
@@ -355,41 +408,20 @@ def filter_events(
     bundled aggregations. Anything that is not an array, or items that are not objects,
     are left untouched. None if nothing changed.
     """
-    if not run.relevant(raw):
-        return None
-    items = split_array(raw)
-    if items is None:
-        return None
-    out: list[Raw] = []
-    changed = False
     ephemeral = ephemeral and run.ctx.filter_ephemeral
-    relevant = run.relevant_items(raw, items)
-    for index, item in enumerate(items):
-        if not (run.relevant(item) if relevant is None else index in relevant):
-            out.append(item)
-            continue
+
+    def one(item: Raw) -> Raw | None:
         head = head_of(item)
         if head is None:
-            out.append(item)
-            continue
-        if not keep_all and (
-            run.hides(head)
-            or (invites and head.sender in run.ignored and is_invite_for(head, run.ctx.user_id))
-        ):
+            return None
+        if not keep_all and (run.hides(head) or (invites and run.hides_invite(head))):
             run.removed += 1
-            changed = True
-            continue
+            return DROP
         if ephemeral and head.sender is None:
-            new = filter_ephemeral(item, head, run)
-        else:
-            new = fix_event(item, head, run)
-        if new is None:
-            out.append(item)
-        else:
-            changed = True
-            if new is not DROP:
-                out.append(new)
-    return encode_array(out) if changed else None
+            return filter_ephemeral(item, head, run)
+        return fix_event(item, head, run)
+
+    return edit_items(raw, run, one, one_search=True)
 
 
 def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:

@@ -3,11 +3,10 @@
 
 from __future__ import annotations
 
-from .events import Run, filter_events, fix_event, head_of, is_invite_for, redact_event
+from .events import DROP, Run, edit_items, filter_events, fix_event, head_of, redact_event
 from .raw import (
     Raw,
     decode_value,
-    encode_array,
     encode_object,
     render,
     split_array,
@@ -100,29 +99,14 @@ def rewrite_single_event(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     return run.result(render(new))
 
 
-def _threads_chunk(raw: Raw, run: Run) -> Raw | None:
-    if not run.relevant(raw):
+def _thread_root(item: Raw, run: Run) -> Raw | None:
+    head = head_of(item)
+    if head is None:
         return None
-    items = split_array(raw)
-    if items is None:
-        return None
-    changed = False
-    out: list[Raw] = []
-    for item in items:
-        head = head_of(item) if run.relevant(item) else None
-        new: Raw | None = None
-        if head is not None:
-            if run.hides(head):
-                run.removed += 1
-                new = redact_event(item, head, run)
-            else:
-                new = fix_event(item, head, run)
-        if new is None:
-            out.append(item)
-        else:
-            out.append(new)
-            changed = True
-    return encode_array(out) if changed else None
+    if run.hides(head):
+        run.removed += 1
+        return redact_event(item, head, run)
+    return fix_event(item, head, run)
 
 
 def rewrite_threads(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -132,7 +116,7 @@ def rewrite_threads(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     if started is None:
         return None
     top, run = started
-    changed = edit(top, "chunk", lambda raw: _threads_chunk(raw, run))
+    changed = edit(top, "chunk", lambda raw: edit_items(raw, run, lambda i: _thread_root(i, run)))
     return finish(top, run, changed)
 
 
@@ -180,34 +164,19 @@ def _invited_by_ignored(room: dict[str, Raw], run: Run) -> bool:
         candidates.extend(split_array(room["state"]) or ())
     for item in candidates:
         head = head_of(item) if run.relevant(item) else None
-        if head is not None and head.sender in run.ignored and is_invite_for(head, run.ctx.user_id):
+        if head is not None and run.hides_invite(head):
             return True
     return False
 
 
-def _initial_sync_rooms(raw: Raw, run: Run) -> Raw | None:
-    if not run.relevant(raw):
+def _initial_sync_room(item: Raw, run: Run) -> Raw | None:
+    room = split_object(item)
+    if room is None:
         return None
-    items = split_array(raw)
-    if items is None:
-        return None
-    changed = False
-    out: list[Raw] = []
-    for item in items:
-        room = split_object(item) if run.relevant(item) else None
-        if room is None:
-            out.append(item)
-            continue
-        if _invited_by_ignored(room, run):
-            run.removed += 1
-            changed = True
-            continue
-        if _messages_and_state(room, run):
-            out.append(encode_object(room))
-            changed = True
-        else:
-            out.append(item)
-    return encode_array(out) if changed else None
+    if _invited_by_ignored(room, run):
+        run.removed += 1
+        return DROP
+    return encode_object(room) if _messages_and_state(room, run) else None
 
 
 def rewrite_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -218,5 +187,7 @@ def rewrite_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     if started is None:
         return None
     top, run = started
-    changed = edit(top, "rooms", lambda raw: _initial_sync_rooms(raw, run))
+    changed = edit(
+        top, "rooms", lambda raw: edit_items(raw, run, lambda i: _initial_sync_room(i, run))
+    )
     return finish(top, run, changed)

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from .events import Run, filter_events, fix_event, head_of
-from .raw import Raw, encode_array, encode_object, split_array, split_object
+from .events import (
+    DROP,
+    Run,
+    drop_ignored_keys,
+    edit_items,
+    edit_members,
+    filter_events,
+    fix_event,
+    head_of,
+)
+from .raw import Raw, encode_object, split_object
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
@@ -47,75 +56,39 @@ def _hidden_result(raw: Raw, run: Run) -> bool:
     return head is not None and run.hides(head)
 
 
-def _results(raw: Raw, run: Run) -> Raw | None:
-    if not run.relevant(raw):
-        return None
-    items = split_array(raw)
-    if items is None:
-        return None
-    out: list[Raw] = []
-    changed = False
-    for item in items:
-        if not run.relevant(item):
-            out.append(item)
-            continue
-        if _hidden_result(item, run):
-            run.removed += 1
-            changed = True
-            continue
-        new = _result(item, run)
-        if new is None:
-            out.append(item)
-        else:
-            out.append(new)
-            changed = True
-    return encode_array(out) if changed else None
+def _search_result(item: Raw, run: Run) -> Raw | None:
+    if _hidden_result(item, run):
+        run.removed += 1
+        return DROP
+    return _result(item, run)
 
 
-def _groups(raw: Raw, run: Run) -> Raw | None:
-    """``{groupKey: {value: {...}}}`` without entries keyed by an ignored user ID."""
-    if not run.relevant(raw):
+def _group_entries(raw: Raw, run: Run) -> Raw | None:
+    """A ``groups.{groupKey}`` member, ``{value: {...}}``, without entries keyed by an
+    ignored user ID."""
+    entries = split_object(raw)
+    if entries is None or not drop_ignored_keys(entries, run):
         return None
-    groups = split_object(raw)
-    if groups is None:
-        return None
-    changed = False
-    for group_key, entries_raw in groups.items():
-        entries = split_object(entries_raw) if run.relevant(entries_raw) else None
-        if entries is None:
-            continue
-        hidden = [key for key in entries if key in run.ignored]
-        if not hidden:
-            continue
-        for key in hidden:
-            del entries[key]
-        run.removed += len(hidden)
-        groups[group_key] = encode_object(entries)
-        changed = True
-    return encode_object(groups) if changed else None
+    return encode_object(entries)
 
 
 def _room_events(raw: Raw, run: Run) -> Raw | None:
     members = split_object(raw)
     if members is None:
         return None
-    changed = edit(members, "results", lambda r: _results(r, run))
-    changed |= edit(members, "groups", lambda g: _groups(g, run))
-    changed |= edit(members, "state", lambda s: _state(s, run))
+    changed = edit(
+        members, "results", lambda r: edit_items(r, run, lambda i: _search_result(i, run))
+    )
+    changed |= edit(
+        members, "groups", lambda g: edit_members(g, run, lambda _, e: _group_entries(e, run))
+    )
+    # {roomId: [state events]}: nothing removed, thread summaries fixed
+    changed |= edit(
+        members,
+        "state",
+        lambda s: edit_members(s, run, lambda _, e: filter_events(e, run, keep_all=True)),
+    )
     return encode_object(members) if changed else None
-
-
-def _state(raw: Raw, run: Run) -> Raw | None:
-    """``{roomId: [state events]}``: nothing removed, thread summaries fixed."""
-    if not run.relevant(raw):
-        return None
-    rooms = split_object(raw)
-    if rooms is None:
-        return None
-    changed = False
-    for room_id in rooms:
-        changed |= edit(rooms, room_id, lambda s: filter_events(s, run, keep_all=True))
-    return encode_object(rooms) if changed else None
 
 
 def rewrite_search(body: bytes, ctx: IgnoreContext) -> Rewritten | None:

@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from .events import DROP, Run, count_hidden_tail, filter_events, filter_receipt, filter_typing
+from .events import (
+    DROP,
+    Run,
+    count_hidden_tail,
+    edit_members,
+    filter_events,
+    filter_receipt,
+    filter_typing,
+)
 from .raw import Raw, decode_value, encode_object, split_object
 from .sync import invite_is_hidden
 from .types import IgnoreContext, Rewritten
@@ -45,50 +53,22 @@ def _invite_hidden(raw: Raw, run: Run) -> bool:
 
 
 def _rooms(raw: Raw, run: Run) -> Raw | None:
-    if not run.relevant(raw):
-        return None
-    rooms = split_object(raw)
-    if rooms is None:
-        return None
-    changed = False
-    for room_id, room_raw in list(rooms.items()):
-        if not run.relevant(room_raw):
-            continue
+    def room(room_id: str, room_raw: Raw) -> Raw | None:
         if _invite_hidden(room_raw, run):
             run.hidden_invites.append(room_id)
-            del rooms[room_id]
             run.removed += 1
-            changed = True
-            continue
+            return DROP
         run.room_id = room_id
-        new = _room(room_raw, run)
-        if new is not None:
-            rooms[room_id] = new
-            changed = True
-    return encode_object(rooms) if changed else None
+        return _room(room_raw, run)
+
+    return edit_members(raw, run, room)
 
 
 def _ephemeral_rooms(raw: Raw, run: Run, typing: bool) -> Raw | None:
     """``{roomId: event}`` of typing or receipt events; a receipt event left empty is
     removed with its room key."""
-    if not run.relevant(raw):
-        return None
-    rooms = split_object(raw)
-    if rooms is None:
-        return None
-    changed = False
-    for room_id, event in list(rooms.items()):
-        if not run.relevant(event):
-            continue
-        new = filter_typing(event, run) if typing else filter_receipt(event, run)
-        if new is None:
-            continue
-        changed = True
-        if new is DROP:
-            del rooms[room_id]
-        else:
-            rooms[room_id] = new
-    return encode_object(rooms) if changed else None
+    one = filter_typing if typing else filter_receipt
+    return edit_members(raw, run, lambda _, event: one(event, run))
 
 
 def _extensions(raw: Raw, run: Run) -> Raw | None:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .events import Run, filter_events, head_of, is_invite_for
+from .events import Run, filter_events, head_of
 from .raw import Raw, encode_object, split_array, split_object, split_object2
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
@@ -88,7 +88,7 @@ def invite_is_hidden(events: Raw, run: Run) -> bool:
         return False
     for item in items:
         head = head_of(item) if run.relevant(item) else None
-        if head is not None and head.sender in run.ignored and is_invite_for(head, run.ctx.user_id):
+        if head is not None and run.hides_invite(head):
             return True
     return False
 
