@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
+from collections.abc import Callable
 
 import httpx
 import pytest
@@ -19,34 +19,10 @@ from ignore_proxy.identity import (
     is_user_id,
 )
 
-HS = "https://hs.test"
+from .conftest import Clock, gated
+
 ALICE = "@alice:hs.test"
 BOB = "@bob:hs.test"
-
-
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[respx.MockRouter]:
-    async with respx.mock(base_url=HS, assert_all_called=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=HS) as c:
-        yield c
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
 
 
 def make_resolver(client: httpx.AsyncClient, clock: Clock, **kw: int | float) -> IdentityResolver:
@@ -213,13 +189,7 @@ async def test_appservice_acting_for_two_users(
 async def test_concurrent_first_requests_make_one_whoami(
     upstream: respx.MockRouter, client: httpx.AsyncClient, clock: Clock
 ) -> None:
-    gate = asyncio.Event()
-    answer = whoami_by_token({"tok": ALICE})
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await gate.wait()
-        return answer(request)
-
+    gate, slow = gated(whoami_by_token({"tok": ALICE}))
     route = upstream.get(WHOAMI_PATH).mock(side_effect=slow)
     resolver = make_resolver(client, clock)
     pending = asyncio.gather(*(resolver.resolve(Credentials("tok")) for _ in range(100)))
@@ -234,13 +204,7 @@ async def test_concurrent_first_requests_make_one_whoami(
 async def test_cancelled_waiter_does_not_cancel_the_lookup(
     upstream: respx.MockRouter, client: httpx.AsyncClient, clock: Clock
 ) -> None:
-    gate = asyncio.Event()
-    answer = whoami_by_token({"tok": ALICE})
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await gate.wait()
-        return answer(request)
-
+    gate, slow = gated(whoami_by_token({"tok": ALICE}))
     route = upstream.get(WHOAMI_PATH).mock(side_effect=slow)
     resolver = make_resolver(client, clock)
     first = asyncio.create_task(resolver.resolve(Credentials("tok")))
@@ -257,13 +221,7 @@ async def test_cancelled_waiter_does_not_cancel_the_lookup(
 async def test_lookup_completes_and_caches_when_every_waiter_is_cancelled(
     upstream: respx.MockRouter, client: httpx.AsyncClient, clock: Clock
 ) -> None:
-    gate = asyncio.Event()
-    answer = whoami_by_token({"tok": ALICE})
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await gate.wait()
-        return answer(request)
-
+    gate, slow = gated(whoami_by_token({"tok": ALICE}))
     route = upstream.get(WHOAMI_PATH).mock(side_effect=slow)
     resolver = make_resolver(client, clock)
     waiter = asyncio.create_task(resolver.resolve(Credentials("tok")))
@@ -389,12 +347,7 @@ async def test_401_drops_other_cached_identities_of_the_token(
 async def test_forget_during_lookup_does_not_cache_the_answer(
     upstream: respx.MockRouter, client: httpx.AsyncClient, clock: Clock
 ) -> None:
-    gate = asyncio.Event()
-
-    async def slow(request: httpx.Request) -> httpx.Response:
-        await gate.wait()
-        return httpx.Response(200, json={"user_id": ALICE})
-
+    gate, slow = gated(httpx.Response(200, json={"user_id": ALICE}))
     route = upstream.get(WHOAMI_PATH).mock(side_effect=slow)
     resolver = make_resolver(client, clock)
     forgets: list[Callable[[], None]] = [

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
 
 import httpx
 import pytest
@@ -20,7 +19,8 @@ from ignore_proxy.ignore_lists import (
     validate_put_body,
 )
 
-HS = "https://hs.test"
+from .conftest import Clock, gated
+
 ALICE = "@alice:hs.test"
 BOB = "@bob:hs.test"
 EVE = "@eve:evil.test"
@@ -33,47 +33,9 @@ def content(*users: str) -> dict[str, object]:
     return {"ignored_users": {u: {} for u in users}}
 
 
-class Clock:
-    def __init__(self) -> None:
-        self.now = 1000.0
-
-    def __call__(self) -> float:
-        return self.now
-
-
-@pytest.fixture
-async def upstream() -> AsyncIterator[respx.MockRouter]:
-    async with respx.mock(base_url=HS, assert_all_called=False) as mock:
-        yield mock
-
-
-@pytest.fixture
-async def client() -> AsyncIterator[httpx.AsyncClient]:
-    async with httpx.AsyncClient(base_url=HS) as c:
-        yield c
-
-
-@pytest.fixture
-def clock() -> Clock:
-    return Clock()
-
-
 @pytest.fixture
 def store(client: httpx.AsyncClient, clock: Clock) -> IgnoreListStore:
     return IgnoreListStore(client, ttl=60.0, max_users=100, retry_after=5.0, timer=clock)
-
-
-def gated(
-    response: httpx.Response | Callable[[], httpx.Response],
-) -> tuple[asyncio.Event, Callable[[httpx.Request], Awaitable[httpx.Response]]]:
-    """An upstream answer held back until the returned event is set."""
-    gate = asyncio.Event()
-
-    async def answer(request: httpx.Request) -> httpx.Response:
-        await gate.wait()
-        return response() if callable(response) else response
-
-    return gate, answer
 
 
 # --- parse_ignored_users ------------------------------------------------------------------
