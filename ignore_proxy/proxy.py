@@ -23,7 +23,7 @@ from .ignore_lists import IgnoreListStore, IgnoreListUnavailable, PutRejection, 
 from .logs import log_request
 from .metrics import PASSTHROUGH, Metrics
 from .responses import BodyTooLarge, read_body, relay, send_rewritten
-from .routes import RouteMatch, match
+from .routes import Route, RouteMatch, match
 from .upstream import build_request, forwardable, timeout_for, upstream_url
 
 log = logging.getLogger(__name__)
@@ -344,31 +344,10 @@ class Proxy:
         try:
             user_id = await user
         except ListUnavailable:
-            self.metrics.list_unavailable.inc()
-            if self.settings.ignore.on_unavailable == "pass":
-                await relay(send, response)
-            else:
-                await send_error(
-                    send,
-                    503,
-                    "M_UNKNOWN",
-                    "The ignore list could not be loaded",
-                    headers=[(b"retry-after", b"5")],
-                )
+            await self._send_list_unavailable(send, response)
             return
-        if call.path_event is not None:
-            try:
-                head = await call.path_event
-            except lookups.LookupFailed as exc:
-                await _send_lookup_failed(send, exc)
-                return
-            if (
-                head.sender is not None
-                and not head.is_state
-                and (head.sender in self.ignore_lists.current(user_id))
-            ):
-                await self._send_sender_ignored(call, head.sender)
-                return
+        if call.path_event is not None and await self._path_event_hidden(call, user_id):
+            return
         if route.account_data is None and not self.ignore_lists.current(user_id):
             await relay(send, response)  # nobody ignored: stream it, never parse it
             return
@@ -376,46 +355,78 @@ class Proxy:
         if body is None:
             return
         if route.account_data is not None and (_IGNORE_LIST_TYPE in body or b"\\u" in body):
-            try:
+            with contextlib.suppress(rewrite.InvalidBody):
                 seen = route.account_data(body)
-            except rewrite.InvalidBody:
-                seen = None
-            if seen is not None:
-                self.ignore_lists.set(user_id, seen)
+                if seen is not None:
+                    self.ignore_lists.set(user_id, seen)
         # The list as it is now, when the answer leaves, not when the request arrived.
         ignored = self.ignore_lists.current(user_id)
         if route.nearest_unignored and ignored:
-            # The answer names an event but not its sender: look it up.
-            assert call.creds is not None
-            query = dict(parse_qsl(call.query.decode("latin-1")))
-            try:
-                answer = await lookups.nearest_unignored_event(
-                    self.client, call.creds, call.found.params["room_id"], query, body, ignored
-                )
-            except lookups.LookupFailed as exc:
-                await _send_lookup_failed(send, exc)
-                return
-            if answer is None:
-                await send_error(
-                    send, 404, "M_NOT_FOUND", "Unable to find an event in the direction given"
-                )
-            else:
-                await send_rewritten(send, response, answer)
-            return
-        if not ignored or not rewrite.mentions_any(body, ignored):
+            await self._send_nearest_unignored(call, response, body, ignored)
+        elif not ignored or not rewrite.mentions_any(body, ignored):
             await send_rewritten(send, response, body)
-            return
-        assert route.rewriter is not None
-        context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
-        started = time.perf_counter()
+        else:
+            context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
+            await self._send_rewritten(call, response, body, context)
+
+    async def _send_list_unavailable(self, send: Send, response: httpx.Response) -> None:
+        self.metrics.list_unavailable.inc()
+        if self.settings.ignore.on_unavailable == "pass":
+            await relay(send, response)
+        else:
+            await send_error(send, 503, "M_UNKNOWN", "The ignore list could not be loaded",
+                             headers=[(b"retry-after", b"5")])  # fmt: skip
+
+    async def _path_event_hidden(self, call: _Call, user_id: str) -> bool:
+        """Answer for an event named in the path but absent from the answer (the parent of
+        `/relations`) if it is an ignored sender's; True if the proxy answered."""
+        assert call.path_event is not None
         try:
-            if len(body) >= _THREAD_REWRITE_BYTES:
-                # In a worker thread: the interpreter's switch interval lets the event loop
-                # serve small requests in between (benchmarks: tiny-request p99 beside
-                # 8 MB sync rewrites).
-                rewritten = await asyncio.to_thread(route.rewriter, body, context)
-            else:
-                rewritten = route.rewriter(body, context)
+            head = await call.path_event
+        except lookups.LookupFailed as exc:
+            await _send_lookup_failed(call.exchange.send, exc)
+            return True
+        if head.sender is None or head.is_state:
+            return False
+        if head.sender not in self.ignore_lists.current(user_id):
+            return False
+        await self._send_sender_ignored(call, head.sender)
+        return True
+
+    async def _send_nearest_unignored(
+        self, call: _Call, response: httpx.Response, body: bytes, ignored: frozenset[str]
+    ) -> None:
+        """`timestamp_to_event` names an event but not its sender: look it up."""
+        send = call.exchange.send
+        assert call.creds is not None
+        query = dict(parse_qsl(call.query.decode("latin-1")))
+        try:
+            answer = await lookups.nearest_unignored_event(
+                self.client, call.creds, call.found.params["room_id"], query, body, ignored
+            )
+        except lookups.LookupFailed as exc:
+            await _send_lookup_failed(send, exc)
+            return
+        if answer is None:
+            await send_error(send, 404, "M_NOT_FOUND",
+                             "Unable to find an event in the direction given")  # fmt: skip
+        else:
+            await send_rewritten(send, response, answer)
+
+    async def _send_rewritten(
+        self, call: _Call, response: httpx.Response, body: bytes, context: rewrite.IgnoreContext
+    ) -> None:
+        send, route = call.exchange.send, call.found.route
+        try:
+            rewritten = await self._rewrite(route, body, context)
+            if rewritten is not None and rewritten.stale_threads and call.creds is not None:
+                # Thread summaries whose latest reply is hidden: learn the latest visible one.
+                stale = rewritten.stale_threads[:MAX_THREAD_LOOKUPS]
+                summaries = await lookups.thread_summaries(
+                    self.client, call.creds, stale, context.ignored
+                )
+                context = replace(context, thread_summaries=summaries)
+                rewritten = await self._rewrite(route, body, context)
         except rewrite.SenderIgnored as exc:
             self.metrics.events_removed.labels(route.name).inc()
             await self._send_sender_ignored(call, exc.sender)
@@ -423,21 +434,30 @@ class Proxy:
         except rewrite.InvalidBody:
             await send_error(send, 502, "M_UNKNOWN", "The homeserver sent a malformed answer")
             return
-        if rewritten is not None and rewritten.stale_threads and call.creds is not None:
-            # Thread summaries whose latest reply is hidden: learn the latest visible one.
-            stale = rewritten.stale_threads[:MAX_THREAD_LOOKUPS]
-            summaries = await lookups.thread_summaries(self.client, call.creds, stale, ignored)
-            context = replace(context, thread_summaries=summaries)
-            rewritten = route.rewriter(body, context)
-        if rewritten is not None and rewritten.hidden_invites and call.creds is not None:
-            self._reject_invites(user_id, call.creds, rewritten.hidden_invites)
-        self.metrics.rewrite_seconds.labels(route.name).observe(time.perf_counter() - started)
-        self.metrics.rewrite_bytes.labels(route.name).inc(len(body))
         if rewritten is None:
             await send_rewritten(send, response, body)
-        else:
-            self.metrics.events_removed.labels(route.name).inc(rewritten.removed)
-            await send_rewritten(send, response, rewritten.body)
+            return
+        if rewritten.hidden_invites and call.creds is not None:
+            self._reject_invites(context.user_id, call.creds, rewritten.hidden_invites)
+        self.metrics.events_removed.labels(route.name).inc(rewritten.removed)
+        await send_rewritten(send, response, rewritten.body)
+
+    async def _rewrite(
+        self, route: Route, body: bytes, context: rewrite.IgnoreContext
+    ) -> rewrite.Rewritten | None:
+        rewriter, route_name = route.rewriter, route.name
+        assert rewriter is not None
+        started = time.perf_counter()
+        try:
+            if len(body) >= _THREAD_REWRITE_BYTES:
+                # In a worker thread: the interpreter's switch interval lets the event loop
+                # serve small requests in between (benchmarks: tiny-request p99 beside
+                # 8 MB sync rewrites).
+                return await asyncio.to_thread(rewriter, body, context)
+            return rewriter(body, context)
+        finally:
+            self.metrics.rewrite_seconds.labels(route_name).observe(time.perf_counter() - started)
+            self.metrics.rewrite_bytes.labels(route_name).inc(len(body))
 
     def _reject_invites(self, user_id: str, creds: Credentials, room_ids: tuple[str, ...]) -> None:
         if not self.settings.ignore.reject_invites:
