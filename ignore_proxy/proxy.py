@@ -24,7 +24,7 @@ from .logs import log_request
 from .metrics import PASSTHROUGH, Metrics
 from .responses import BodyTooLarge, read_body, relay, send_rewritten
 from .routes import Route, RouteMatch, match
-from .upstream import build_request, forwardable, timeout_for, upstream_url
+from .upstream import REQUEST_ONLY, build_request, forwardable, timeout_for, upstream_url
 
 log = logging.getLogger(__name__)
 
@@ -181,7 +181,7 @@ class Proxy:
         body: AsyncIterator[bytes] | bytes | None = (
             exchange.body_chunks() if _has_body(headers) else None
         )
-        request_headers = forwardable(headers)
+        request_headers = forwardable(headers, REQUEST_ONLY)
         found = match(method, raw_path)
         call = None
         if found is not None:

@@ -26,6 +26,9 @@ HOP_BY_HOP = frozenset(
         b"proxy-authenticate",
     }
 )
+# `Expect: 100-continue` was answered by our own server when the body was read; passed on,
+# it would make the upstream client wait for a `100 Continue` some servers never send.
+REQUEST_ONLY = frozenset({b"expect"})
 # Dropped from answers the proxy rewrites: the new body gets its own length.
 BODY_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-encoding"})
 

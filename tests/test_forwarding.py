@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import threading
 import time
 from collections.abc import Iterator
 
@@ -277,3 +278,38 @@ def test_headers_over_the_limit_get_431_and_are_not_forwarded(
         answer = sock.recv(65536)
     assert answer.startswith(b"HTTP/1.1 431")
     assert proxy.peak_rss_kib() - rss < 16 * 1024
+
+
+def test_expect_continue_is_answered_here_not_passed_on() -> None:
+    """An upstream that never sends `100 Continue` (as many don't) must still get the body."""
+    seen: list[bytes] = []
+
+    def serve_once(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            head, _, body = data.partition(b"\r\n\r\n")
+            seen.append(head)
+            length = int(head.lower().split(b"content-length:")[1].split(b"\r\n")[0])
+            conn.settimeout(5)
+            while len(body) < length:
+                body += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\nconnection: close\r\n\r\nok")
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        thread = threading.Thread(target=serve_once, args=(listener,), daemon=True)
+        thread.start()
+        with run_proxy(f"http://127.0.0.1:{listener.getsockname()[1]}") as proxy:
+            response = httpx.post(
+                proxy.url + "/_matrix/media/v3/upload",
+                content=b"z" * 100_000,
+                headers={"Expect": "100-continue"},
+                timeout=10,
+            )
+        thread.join(timeout=5)
+    assert response.status_code == 200
+    assert b"expect" not in seen[0].lower()
