@@ -113,7 +113,8 @@ def match(method: str, raw_path: bytes) -> RouteMatch | None:
     """The route for a request, or None when the proxy has nothing to do with it."""
     if b"client" not in raw_path.lower() and b"%" not in raw_path:
         return None  # the common fast case: media, federation, admin, well-known
-    method = "GET" if method == "HEAD" else method
+    if method == "HEAD":
+        return None  # no body, nothing to filter: relayed as it is
     for segments in _segmentations(raw_path):
         found = _match_client_path(method, segments)
         if found is not None:
