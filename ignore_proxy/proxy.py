@@ -28,7 +28,8 @@ from .upstream import REQUEST_ONLY, build_request, forwardable, timeout_for, ups
 
 log = logging.getLogger(__name__)
 
-_IGNORE_LIST_TYPE = b"m.ignored_user_list"
+# Searched for like a user ID: escapes in the body can spell it too.
+_IGNORE_LIST_TYPE = frozenset({"m.ignored_user_list"})
 _ERROR_BODY_LIMIT = 64 * 1024
 _THREAD_REWRITE_BYTES = 2 * 1024 * 1024
 # Thread summaries one answer may have looked up; beyond these they are left out.
@@ -354,7 +355,7 @@ class Proxy:
         body = await self._read(call, response)
         if body is None:
             return
-        if route.account_data is not None and (_IGNORE_LIST_TYPE in body or b"\\u" in body):
+        if route.account_data is not None and rewrite.mentions_any(body, _IGNORE_LIST_TYPE):
             with contextlib.suppress(rewrite.InvalidBody):
                 seen = route.account_data(body)
                 if seen is not None:
