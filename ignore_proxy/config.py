@@ -24,8 +24,6 @@ PositiveFloat = Annotated[float, msgspec.Meta(gt=0)]
 PositiveInt = Annotated[int, msgspec.Meta(gt=0)]
 NonNegativeInt = Annotated[int, msgspec.Meta(ge=0)]
 
-SENDER_IGNORED_ERRCODES = ("M_SENDER_IGNORED", "UK.TIMEDOUT.MSC4406.SENDER_IGNORED")
-
 
 class _Section(msgspec.Struct, frozen=True, forbid_unknown_fields=True, kw_only=True):
     pass

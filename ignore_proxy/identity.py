@@ -16,12 +16,13 @@ from urllib.parse import unquote_to_bytes
 import httpx
 from cachetools import TTLCache
 
+from .ids import is_user_id
+
 __all__ = [
     "Credentials",
     "IdentityResolver",
     "IdentityUnavailable",
     "credentials_from_request",
-    "is_user_id",
 ]
 
 WHOAMI_PATH: Final = "/_matrix/client/v3/account/whoami"
@@ -47,16 +48,6 @@ class Credentials:
 
     def auth_headers(self) -> dict[str, str]:
         return {"Authorization": f"Bearer {self.access_token}"}
-
-
-def is_user_id(value: str) -> bool:
-    """A loose Matrix user ID check: ``@localpart:server``, at most 255 bytes, printable."""
-    if not value.startswith("@") or len(value.encode()) > 255:
-        return False
-    localpart, sep, server = value[1:].partition(":")
-    if not (localpart and sep and server):
-        return False
-    return all(ch.isprintable() and not ch.isspace() for ch in value)
 
 
 def _is_token(value: str) -> bool:

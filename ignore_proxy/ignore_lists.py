@@ -14,7 +14,8 @@ import httpx
 import msgspec
 from cachetools import LRUCache
 
-from ignore_proxy.identity import Credentials, is_user_id
+from .identity import Credentials
+from .ids import is_user_id
 
 __all__ = [
     "IGNORED_USER_LIST",

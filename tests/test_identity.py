@@ -16,8 +16,8 @@ from ignore_proxy.identity import (
     IdentityResolver,
     IdentityUnavailable,
     credentials_from_request,
-    is_user_id,
 )
+from ignore_proxy.ids import is_user_id
 
 from .conftest import Clock, gated
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from ..ids import is_user_id
 from .raw import Raw, decode_value, split_array, split_object, top_object
 from .types import InvalidBody
 
@@ -12,10 +13,6 @@ __all__ = [
 ]
 
 IGNORED_USER_LIST = "m.ignored_user_list"
-
-
-def _is_user_id(key: str) -> bool:
-    return key.startswith("@") and ":" in key
 
 
 def ignored_users_from_content(content: Raw | bytes) -> frozenset[str]:
@@ -30,7 +27,7 @@ def ignored_users_from_content(content: Raw | bytes) -> frozenset[str]:
     users = split_object(members["ignored_users"])
     if users is None:
         return frozenset()
-    return frozenset(key for key in users if _is_user_id(key))
+    return frozenset(key for key in users if is_user_id(key))
 
 
 def _from_events(events: Raw) -> frozenset[str] | None:
