@@ -179,14 +179,11 @@ class Run:
         (item offsets unknown: check items one by one)."""
         if self.always:
             return None
-        before = list(accumulate(map(len, items), initial=0))  # item lengths before i
-        if before[-1] + max(len(items) - 1, 0) + 2 != len(raw):
+        # item i starts after one "[", the i items before it and a comma after each
+        starts = list(accumulate([len(item) + 1 for item in items], initial=1))
+        if (starts[-1] if items else 2) != len(raw):
             return None
-        # item i starts at 1 + before[i] + i (one "[" and i commas before it)
-        return {
-            bisect_right(range(len(items)), m.start(), key=lambda i: 1 + before[i] + i) - 1
-            for m in self._finditer(raw)
-        }
+        return {bisect_right(starts, m.start()) - 1 for m in self._finditer(raw)}
 
     def hides(self, head: Head) -> bool:
         """Is this an ignored sender's non-state event?"""
@@ -212,11 +209,13 @@ def edit_items(
     items = split_array(raw)
     if items is None:
         return None
+    relevant = run.relevant_items(raw, items) if one_search else None
+    if relevant is not None:
+        return _edit_some(items, sorted(relevant), fn)
     out: list[Raw] = []
     changed = False
-    relevant = run.relevant_items(raw, items) if one_search else None
-    for index, item in enumerate(items):
-        if not (run.relevant(item) if relevant is None else index in relevant):
+    for item in items:
+        if not run.relevant(item):
             out.append(item)
             continue
         new = fn(item)
@@ -227,6 +226,26 @@ def edit_items(
             if new is not DROP:
                 out.append(new)
     return encode_array(out) if changed else None
+
+
+def _edit_some(items: list[Raw], indexes: list[int], fn: Callable[[Raw], Raw | None]) -> Raw | None:
+    """``edit_items`` on the items at ``indexes`` (ascending) only; ``items`` is edited."""
+    dropped: set[int] = set()
+    changed = False
+    for index in indexes:
+        new = fn(items[index])
+        if new is None:
+            continue
+        changed = True
+        if new is DROP:
+            dropped.add(index)
+        else:
+            items[index] = new
+    if not changed:
+        return None
+    if dropped:
+        items = [item for index, item in enumerate(items) if index not in dropped]
+    return encode_array(items)
 
 
 def edit_members(

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from itertools import chain
 from typing import Any, cast
 
 import msgspec
@@ -28,6 +29,7 @@ __all__ = [
     "split_array",
     "split_object",
     "split_object2",
+    "split_object4",
     "top_object",
 ]
 
@@ -180,6 +182,36 @@ def split_object2(data: Raw | bytes) -> dict[str, dict[str, Raw]] | None:
             return None
         total += inner_keys_len + sum(map(len, inner.values()))
         total += 2 * len(inner) + 1 if inner else 2
+    return outer if total == len(data) else None
+
+
+Tree4 = dict[str, dict[str, dict[str, dict[str, Raw]]]]
+_obj4_decoder = msgspec.json.Decoder(Tree4)
+
+
+def split_object4(data: Raw | bytes) -> Tree4 | None:
+    """Four levels at once (objects of objects of objects of objects), under the same
+    rule as ``split_object2``: only if re-encoding the tree gives back ``data`` exactly
+    (compact, minimally spelled keys, no duplicates: then and only then the lengths of
+    its parts add up to ``len(data)``). None otherwise: the caller splits level by level.
+    """
+    try:
+        outer = _obj4_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    values = dict.values
+    level1 = list(outer.values())
+    level2 = list(chain.from_iterable(map(values, level1)))
+    level3 = list(chain.from_iterable(map(values, level2)))
+    dicts: list[dict[str, Any]] = [outer, *level1, *level2, *level3]
+    keys = list(chain.from_iterable(dicts))
+    keys_len = _keys_len(keys, len(keys))
+    if keys_len < 0:
+        return None
+    empty = dicts.count({})
+    # per object: braces, a colon per member, commas between members
+    total = keys_len + 2 * len(keys) + len(dicts) + empty
+    total += sum(map(len, chain.from_iterable(map(values, level3))))
     return outer if total == len(data) else None
 
 

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from .events import Run, filter_events, head_of
-from .raw import Raw, encode_object, split_array, split_object, split_object2
+from .raw import Raw, Tree4, encode_object, split_array, split_object, split_object2, split_object4
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
@@ -34,6 +36,11 @@ def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     sections = split_object2(raw)
     if sections is None:
         return _room_by_levels(raw, run, joined=joined)
+    return encode_object(sections) if _room_sections(sections, run, joined=joined) else None
+
+
+def _room_sections(sections: dict[str, dict[str, Raw]], run: Run, *, joined: bool) -> bool:
+    """Filter the sections of a room split two levels deep, in place; True if changed."""
     ephemeral = joined and run.ctx.filter_ephemeral
     changed = False
     for key, keep_all in _SECTIONS:
@@ -44,7 +51,7 @@ def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
         if new is not None:
             section["events"] = new
             changed = True
-    return encode_object(sections) if changed else None
+    return changed
 
 
 _SECTIONS = (("timeline", False), ("state", True), ("state_after", True), ("ephemeral", True))
@@ -76,6 +83,43 @@ def _rooms_in(rooms: dict[str, Raw], run: Run, *, joined: bool) -> bool:
     for room_id in rooms:
         run.room_id = room_id
         changed |= edit(rooms, room_id, lambda room: _room(room, run, joined=joined))
+    return changed
+
+
+def _rooms_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run, *, joined: bool) -> bool:
+    """``_rooms_in`` on rooms already split two levels deep (edited in place). Rooms are
+    not searched first: ``filter_events`` searches each list before splitting it."""
+    changed = False
+    for room_id, sections in rooms.items():
+        run.room_id = room_id
+        changed |= _room_sections(sections, run, joined=joined)
+    return changed
+
+
+def _invites_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run) -> bool:
+    """``_invites_in`` on rooms already split two levels deep (edited in place)."""
+    hidden = []
+    for room_id, room in rooms.items():
+        invite_state = room.get("invite_state")
+        if invite_state is None or "events" not in invite_state:
+            continue
+        if invite_is_hidden(invite_state["events"], run):
+            hidden.append(room_id)
+    for room_id in hidden:
+        del rooms[room_id]
+    run.removed += len(hidden)
+    run.hidden_invites.extend(hidden)
+    return bool(hidden)
+
+
+def _sync_deep(deep: Tree4, run: Run) -> bool:
+    changed = False
+    if "join" in deep:
+        changed |= _rooms_deep(deep["join"], run, joined=True)
+    if "leave" in deep:
+        changed |= _rooms_deep(deep["leave"], run, joined=False)
+    if "invite" in deep:
+        changed |= _invites_deep(deep["invite"], run)
     return changed
 
 
@@ -136,6 +180,12 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
         return None
+    deep = split_object4(rooms_raw)
+    if deep is not None:
+        changed = _sync_deep(deep, run)
+        if changed:
+            top["rooms"] = encode_object(cast(dict[str, Raw], deep))
+        return finish(top, run, changed)
     sections = split_object2(rooms_raw)
     if sections is not None:
         changed = False

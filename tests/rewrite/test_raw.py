@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ignore_proxy.rewrite import rewrite_messages, rewrite_sync
-from ignore_proxy.rewrite.raw import split_object2
+from ignore_proxy.rewrite.raw import render, split_object2, split_object4
 from tests.rewrite.factories import CTX
 
 SPAM_EV = b'{"type":"m.room.message","sender":"@spam:evil.example","content":{}}'
@@ -25,6 +25,60 @@ def test_split_object2_only_for_compact_minimal_text() -> None:
         b"[]",
     ]:
         assert split_object2(text) is None, text
+
+
+def test_split_object4_only_for_compact_minimal_text() -> None:
+    for text in [
+        b"{}",
+        b'{"a":{}}',
+        b'{"a":{"b":{}},"c":{}}',
+        b'{"a":{"b":{"c":{"d":1,"e":[1, 2]},"f":{}}},"g":{"h":{}}}',
+        '{"\u00e9":{"\u2603":{"x":{"y":"\\u0040"}}}}'.encode(),
+    ]:
+        tree = split_object4(text)
+        assert tree is not None, text
+        assert render(tree) == text
+    for text in [
+        b'{"a":{"b":{"c":{"d":1}} }}',
+        b'{"a":{"b":{"c":{"d":1,"d":2}}}}',
+        b'{"a":{"b":{"c":{},"c":{}}}}',
+        b'{"a":{"b":{"\\u0063":{}}}}',
+        b'{"a":{"b":{"c":{"\\/":1}}}}',
+        b'{"a":{"b":{"c":1}}}',
+        b'{"a":{"b":[]}}',
+        b"[]",
+        b'{"a":{"b":{"c":{"d":"\\ud800"}}}}',
+    ]:
+        assert split_object4(text) is None, text
+
+
+def test_sync_deep_split_matches_level_by_level() -> None:
+    """A compact body (split four levels at once) and the same body with a space in
+    ``rooms`` (split level by level) give the same answer."""
+    events = b"[" + OK_EV + b"," + SPAM_EV + b"]"
+    thread = (
+        b'{"type":"m.room.member","state_key":"","sender":"@alice:example.org","content":{},'
+        b'"unsigned":{"m.relations":{"m.thread":{"latest_event":' + SPAM_EV + b',"count":1}}}}'
+    )
+    room = (
+        b'{"timeline":{"events":' + events + b',"limited":false},"state":{"events":['
+        + thread + b']},"ephemeral":{"events":[]},"summary":{}}'
+    )  # fmt: skip
+    invite = (
+        b'{"invite_state":{"events":[{"type":"m.room.member","state_key":"@me:example.org",'
+        b'"sender":"@spam:evil.example","content":{"membership":"invite"}}]}}'
+    )
+    rooms = (
+        b'{"join":{"!a:x":' + room + b',"!b:x":{}},"leave":{"!c:x":' + room + b"},"
+        b'"invite":{"!d:x":' + invite + b',"!e:x":{}}}'
+    )
+    compact = rewrite_sync(b'{"rooms":' + rooms + b"}", CTX)
+    spaced = rewrite_sync(b'{"rooms":' + rooms[:-1] + b" }}", CTX)
+    assert compact is not None and spaced is not None
+    assert compact.body == spaced.body.replace(b" }", b"}")
+    assert compact.removed == spaced.removed == 5
+    assert compact.stale_threads == spaced.stale_threads
+    assert compact.hidden_invites == spaced.hidden_invites == ("!d:x",)
 
 
 def _sync(rooms: bytes) -> bytes:
