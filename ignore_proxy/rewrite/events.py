@@ -173,17 +173,29 @@ class Run:
             self._escapes is not None and self._escapes(as_bytes(raw))
         )
 
-    def relevant_items(self, raw: Raw, items: list[Raw]) -> set[int] | None:
+    def mention_offsets(self, raw: Raw) -> list[int] | None:
+        """Where in ``raw`` ignored users' minimal spellings start (empty: ``raw`` certainly
+        mentions none of them); None if that is not enough to tell (escapes, see
+        ``always``: use ``relevant``)."""
+        if self.always:
+            return None
+        return [m.start() for m in self._finditer(raw)]
+
+    def relevant_items(
+        self, raw: Raw, items: list[Raw], offsets: list[int] | None = None
+    ) -> set[int] | None:
         """Indexes of the items of array ``raw`` that may mention an ignored user, found
-        with one search over the array; None if the array is not written compactly
-        (item offsets unknown: check items one by one)."""
+        with one search over the array (or from its ``mention_offsets``); None if the
+        array is not written compactly (item offsets unknown: check items one by one)."""
         if self.always:
             return None
         # item i starts after one "[", the i items before it and a comma after each
         starts = list(accumulate([len(item) + 1 for item in items], initial=1))
         if (starts[-1] if items else 2) != len(raw):
             return None
-        return {bisect_right(starts, m.start()) - 1 for m in self._finditer(raw)}
+        if offsets is None:
+            offsets = [m.start() for m in self._finditer(raw)]
+        return {bisect_right(starts, offset) - 1 for offset in offsets}
 
     def hides(self, head: Head) -> bool:
         """Is this an ignored sender's non-state event?"""
@@ -204,12 +216,16 @@ def edit_items(
     ``fn(item)``: None keeps the item, DROP removes it (``fn`` counts what it removes).
     None if nothing changed or ``raw`` is not an array. ``one_search``: find those items
     with ``run.relevant_items`` instead of one search per item (the same items)."""
-    if not run.relevant(raw):
+    offsets = run.mention_offsets(raw) if one_search else None
+    if offsets is None:
+        if not run.relevant(raw):
+            return None
+    elif not offsets:
         return None
     items = split_array(raw)
     if items is None:
         return None
-    relevant = run.relevant_items(raw, items) if one_search else None
+    relevant = run.relevant_items(raw, items, offsets) if one_search else None
     if relevant is not None:
         return _edit_some(items, sorted(relevant), fn)
     out: list[Raw] = []

@@ -114,7 +114,12 @@ class Mentions:
         Two regex scans (minimal spellings, escapes), however many IDs."""
         if self.escapes_in(data):
             return user_ids, True
-        found = {match.group() for match in self.pattern(False).finditer(data)}
+        found: set[bytes] = set()
+        wanted = len(self._needle_set)
+        for match in self.pattern(False).finditer(data):
+            found.add(match.group())
+            if len(found) == wanted:  # all found: the rest of the scan cannot add any
+                break
         pairs = zip(sorted(user_ids), self._needles, strict=True)
         return frozenset(uid for uid, needle in pairs if needle in found), False
 

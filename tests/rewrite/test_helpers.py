@@ -153,3 +153,15 @@ def test_add_msc4406_feature() -> None:
         add_msc4406_feature(b"[]")
     with pytest.raises(InvalidBody):
         add_msc4406_feature(b"nope")
+
+
+def test_present_finds_each_id_whatever_the_order() -> None:
+    from ignore_proxy.rewrite.scan import mentions_for
+
+    both = frozenset({SPAM, TROLL})
+    mentions = mentions_for(both)
+    spam, troll = SPAM.encode(), TROLL.encode()
+    assert mentions.present(b"[" + spam + b"," + spam + b"," + troll + b"]", both) == (both, False)
+    assert mentions.present(b"[" + troll + b"," + spam + b"]", both) == (both, False)
+    assert mentions.present(b"[" + spam + b"," + spam + b"]", both) == (frozenset({SPAM}), False)
+    assert mentions.present(b"[]", both) == (frozenset(), False)
