@@ -31,6 +31,7 @@ __all__ = [
     "split_object2",
     "split_object4",
     "top_object",
+    "tree4_len",
 ]
 
 Raw = msgspec.Raw
@@ -199,6 +200,12 @@ def split_object4(data: Raw | bytes) -> Tree4 | None:
         outer = _obj4_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
+    return outer if tree4_len(outer) == len(data) else None
+
+
+def tree4_len(outer: Tree4) -> int:
+    """Length of the compact encoding of a four-level tree; -1 if a key's minimal
+    spelling has a ``\\u`` escape (see ``_key_len``)."""
     values = dict.values
     level1 = list(outer.values())
     level2 = list(chain.from_iterable(map(values, level1)))
@@ -207,12 +214,11 @@ def split_object4(data: Raw | bytes) -> Tree4 | None:
     keys = list(chain.from_iterable(dicts))
     keys_len = _keys_len(keys, len(keys))
     if keys_len < 0:
-        return None
+        return -1
     empty = dicts.count({})
     # per object: braces, a colon per member, commas between members
     total = keys_len + 2 * len(keys) + len(dicts) + empty
-    total += sum(map(len, chain.from_iterable(map(values, level3))))
-    return outer if total == len(data) else None
+    return total + sum(map(len, chain.from_iterable(map(values, level3))))
 
 
 def top_object(body: bytes) -> dict[str, Raw]:

@@ -4,8 +4,22 @@ from __future__ import annotations
 
 from typing import cast
 
+import msgspec
+
 from .events import Run, filter_events, head_of
-from .raw import Raw, Tree4, encode_object, split_array, split_object, split_object2, split_object4
+from .raw import (
+    EMPTY,
+    Raw,
+    Tree4,
+    as_bytes,
+    encode_object,
+    render,
+    split_array,
+    split_object,
+    split_object2,
+    split_object4,
+    tree4_len,
+)
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
@@ -164,6 +178,77 @@ def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
     return bool(hidden)
 
 
+class _Top(msgspec.Struct):
+    """The members of a ``/sync`` answer: ``rooms`` split four levels deep, the others
+    raw (empty when absent). Unknown members are skipped by msgspec: ``_split_top``
+    then finds the lengths do not add up and the caller splits the body generically."""
+
+    rooms: Tree4 | msgspec.UnsetType = msgspec.UNSET
+    next_batch: Raw = EMPTY
+    account_data: Raw = EMPTY
+    to_device: Raw = EMPTY
+    device_lists: Raw = EMPTY
+    presence: Raw = EMPTY
+    device_one_time_keys_count: Raw = EMPTY
+    device_unused_fallback_key_types: Raw = EMPTY
+    msc2732_fallback_key_types: Raw = msgspec.field(
+        default=EMPTY, name="org.matrix.msc2732.device_unused_fallback_key_types"
+    )
+    groups: Raw = EMPTY
+
+
+_top_decoder = msgspec.json.Decoder(_Top)
+_TOP_NAMES = tuple(
+    (f.name, f.encode_name.encode()) for f in msgspec.structs.fields(_Top) if f.name != "rooms"
+)
+
+
+def _split_top(body: bytes) -> tuple[Tree4, int, int] | None:
+    """The ``rooms`` of a compact ``/sync`` body split four levels deep, and where its
+    text starts and ends; None unless the body is an object of known members only,
+    written compactly with minimal spelling (then, and only then, the lengths of its
+    parts add up to ``len(body)``, and re-encoding the top level would give ``body``
+    back: splicing a new ``rooms`` in gives what re-encoding would)."""
+    try:
+        top = _top_decoder.decode(body)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    if isinstance(top.rooms, msgspec.UnsetType):
+        return None
+    rooms_len = tree4_len(top.rooms)
+    if rooms_len < 0:
+        return None
+    members = {b"rooms": rooms_len}
+    values: dict[bytes, Raw] = {}
+    for name, key in _TOP_NAMES:
+        value = getattr(top, name)
+        if len(value):
+            members[key] = len(value)
+            values[key] = value
+    # braces, and per member: quoted key, colon, value, comma (one fewer)
+    total = 1 + sum(len(key) + 4 + length for key, length in members.items())
+    if total != len(body):
+        return None
+    pos = 1
+    rooms_start = -1
+    while members:
+        for key in members:
+            if body.startswith(b'"%s":' % key, pos):
+                break
+        else:
+            return None
+        start = pos + len(key) + 3
+        end = start + members.pop(key)
+        if key == b"rooms":
+            rooms_start = start
+        elif body[start:end] != as_bytes(values[key]):
+            return None
+        if body[end : end + 1] != (b"," if members else b"}"):
+            return None
+        pos = end + 1
+    return top.rooms, rooms_start, rooms_start + rooms_len
+
+
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Filter a ``/sync`` response.
 
@@ -173,6 +258,16 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     ``m.typing`` and ``m.receipt``. Bundled thread summaries everywhere. Everything else,
     including ``limited`` and ``prev_batch``, is left as it was.
     """
+    split = _split_top(body)
+    if split is not None:
+        deep, rooms_start, rooms_end = split
+        run = Run(ctx, body)
+        if not run.anything or not _sync_deep(deep, run):
+            return None
+        view = memoryview(body)
+        return run.result(
+            b"".join((view[:rooms_start], render(cast(dict[str, Raw], deep)), view[rooms_end:]))
+        )
     started = start(body, ctx)
     if started is None:
         return None
@@ -180,11 +275,11 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
         return None
-    deep = split_object4(rooms_raw)
-    if deep is not None:
-        changed = _sync_deep(deep, run)
+    rooms_deep = split_object4(rooms_raw)
+    if rooms_deep is not None:
+        changed = _sync_deep(rooms_deep, run)
         if changed:
-            top["rooms"] = encode_object(cast(dict[str, Raw], deep))
+            top["rooms"] = encode_object(cast(dict[str, Raw], rooms_deep))
         return finish(top, run, changed)
     sections = split_object2(rooms_raw)
     if sections is not None:

@@ -6,6 +6,7 @@ import json
 
 from ignore_proxy.rewrite import rewrite_messages, rewrite_sync
 from ignore_proxy.rewrite.raw import render, split_object2, split_object4
+from ignore_proxy.rewrite.sync import _split_top
 from tests.rewrite.factories import CTX
 
 SPAM_EV = b'{"type":"m.room.message","sender":"@spam:evil.example","content":{}}'
@@ -130,3 +131,34 @@ def test_keys_with_lone_surrogates_can_be_written() -> None:
     out = rewrite_sync(_sync(rooms), CTX)
     assert out is not None
     assert json.loads(out.body)["rooms"]["join"] == {"!\ud800:x": {"timeline": {"events": []}}}
+
+
+def test_sync_top_level_spliced_only_when_compact_and_known() -> None:
+    """``rooms`` is spliced into the original body only if the top level is compact with
+    known members; otherwise the top level is re-encoded. Either way: same filtering."""
+    room = b'{"timeline":{"events":[' + OK_EV + b"," + SPAM_EV + b"]}}"
+    rooms = b'{"join":{"!a:x":' + room + b"}}"
+    filtered = b'{"join":{"!a:x":{"timeline":{"events":[' + OK_EV + b"]}}}}"
+    cases = {
+        b'{"next_batch":"s1","rooms":' + rooms + b',"presence":{"events":[]}}': None,
+        b'{"rooms":' + rooms + b',"org.matrix.msc2732.device_unused_fallback_key_types":[]}': None,
+        b'{"next_batch":"s1", "rooms":' + rooms + b"}": b'{"next_batch":"s1","rooms":',
+        b'{"unknown":1,"rooms":' + rooms + b"}": b'{"unknown":1,"rooms":',
+        b'{"rooms":{"join":{}},"rooms":' + rooms + b"}": b'{"rooms":',
+        b'{"r\\u006foms":' + rooms + b"}": b'{"rooms":',
+        b'{"rooms":' + rooms + b',"next_batch":"s1","next_batch":"s2"}': b'{"rooms":',
+    }
+    for body, prefix in cases.items():
+        assert (_split_top(body) is None) == (prefix is not None), body
+        out = rewrite_sync(body, CTX)
+        assert out is not None, body
+        assert out.removed == 1
+        assert SPAM_EV not in out.body
+        if prefix is None:
+            assert out.body == body.replace(rooms, filtered)
+        else:
+            assert out.body.startswith(prefix + filtered), out.body
+    # a copy of rooms elsewhere in the body is left alone, the real one is filtered
+    decoy = b'{"account_data":{"events":[{"content":{"rooms":' + rooms + b'}}]},"rooms":'
+    out = rewrite_sync(decoy + rooms + b"}", CTX)
+    assert out is not None and out.body == decoy + filtered + b"}"
