@@ -23,7 +23,7 @@ from .ignore_lists import IgnoreListStore, IgnoreListUnavailable, PutRejection, 
 from .logs import log_request
 from .metrics import PASSTHROUGH, Metrics
 from .responses import BodyTooLarge, read_body, relay, send_rewritten
-from .routes import Route, RouteMatch, match
+from .routes import AmbiguousPath, Route, RouteMatch, match
 from .upstream import REQUEST_ONLY, build_request, forwardable, timeout_for, upstream_url
 
 log = logging.getLogger(__name__)
@@ -183,7 +183,12 @@ class Proxy:
             exchange.body_chunks() if _has_body(headers) else None
         )
         request_headers = forwardable(headers, REQUEST_ONLY)
-        found = match(method, raw_path)
+        try:
+            found = match(method, raw_path)
+        except AmbiguousPath:
+            message = "Ambiguous path: an encoded slash changes which endpoint it names"
+            await send_error(exchange.send, 400, "M_UNRECOGNIZED", message)
+            return
         call = None
         if found is not None:
             exchange.route = found.route.name

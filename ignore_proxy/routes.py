@@ -93,6 +93,10 @@ ROUTES: tuple[Route, ...] = (
 )  # fmt: skip
 
 
+class AmbiguousPath(Exception):
+    """The path names different endpoints depending on how `%2F` is read."""
+
+
 @dataclass(frozen=True, slots=True)
 class RouteMatch:
     route: Route
@@ -115,11 +119,16 @@ def match(method: str, raw_path: bytes) -> RouteMatch | None:
         return None  # the common fast case: media, federation, admin, well-known
     if method == "HEAD":
         return None  # no body, nothing to filter: relayed as it is
-    for segments in _segmentations(raw_path):
-        found = _match_client_path(method, segments)
-        if found is not None:
-            return found
-    return None
+    readings = {
+        (found.route, tuple(found.params.items())): found
+        for segments in _segmentations(raw_path)
+        if (found := _match_client_path(method, segments)) is not None
+    }
+    if len(readings) > 1:
+        # `%2F` read as data and as a separator name two different requests: which one
+        # the homeserver serves is unknown, so neither filter can be trusted.
+        raise AmbiguousPath
+    return next(iter(readings.values()), None)
 
 
 def _segmentations(raw_path: bytes) -> Iterator[list[str]]:

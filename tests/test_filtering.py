@@ -542,3 +542,19 @@ async def test_event_lookups_that_fail_refuse_rather_than_answer_unchecked(
         assert response.status_code == 502
         assert response.json()["errcode"] == "M_UNKNOWN"
         assert "$b1" not in response.text
+
+
+async def test_a_path_whose_encoded_slash_changes_the_endpoint_is_refused(
+    homeserver: FakeHomeserver,
+) -> None:
+    """Read with `%2F` as data it is the global initialSync; as a separator, a room's."""
+    homeserver.fallback = lambda _: httpx.Response(
+        200, json={"messages": {"chunk": [message("$b1", BOB)]}, "state": []}
+    )
+    app = build_app(homeserver)
+    raw = b"/_matrix/client/r0%2Frooms%2F!room:hs/initialSync"
+    async with client_for(app, "alice-token") as alice:
+        response = await alice.get(httpx.URL("http://proxy.test").copy_with(raw_path=raw))
+    assert response.status_code == 400
+    assert response.json()["errcode"] == "M_UNRECOGNIZED"
+    assert not [r for r in homeserver.requests if b"initialSync" in r.url.raw_path]
