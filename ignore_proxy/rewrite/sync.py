@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import cast
+from typing import Any, cast
 
 import msgspec
 
@@ -119,6 +119,11 @@ def _invites_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run) -> bool
             continue
         if invite_is_hidden(invite_state["events"], run):
             hidden.append(room_id)
+    return _drop_invites(rooms, hidden, run)
+
+
+def _drop_invites(rooms: dict[str, Any], hidden: list[str], run: Run) -> bool:
+    """Remove the rooms whose invite is hidden, and record them (for invite rejection)."""
     for room_id in hidden:
         del rooms[room_id]
     run.removed += len(hidden)
@@ -171,11 +176,7 @@ def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
             continue
         if invite_is_hidden(invite_state["events"], run):
             hidden.append(room_id)
-    for room_id in hidden:
-        del rooms[room_id]
-    run.removed += len(hidden)
-    run.hidden_invites.extend(hidden)
-    return bool(hidden)
+    return _drop_invites(rooms, hidden, run)
 
 
 class _Top(msgspec.Struct):
