@@ -17,7 +17,7 @@ from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
 from .metrics import Metrics
 from .proxy import Proxy
-from .upstream import create_client
+from .upstream import HttpxUpstream, PoolTransport, Upstream, create_client, create_pool
 
 # The proxy's own endpoints live under a prefix no Matrix path can start with.
 OWN_PREFIX = "/_ignore_proxy/"
@@ -29,7 +29,14 @@ class IgnoreProxyApp:
 
     def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
         self.settings = settings
-        self.client = create_client(settings, transport)
+        upstream: Upstream
+        if transport is None:
+            pool = create_pool(settings)
+            upstream, transport = pool, PoolTransport(pool)
+            self.client = create_client(settings, transport)
+        else:  # an in-process homeserver (tests)
+            self.client = create_client(settings, transport)
+            upstream = HttpxUpstream(self.client)
         self.identity = IdentityResolver(
             self.client,
             max_size=settings.identity.cache_size,
@@ -42,7 +49,9 @@ class IgnoreProxyApp:
         )
         self.metrics = Metrics()
         self.metrics.watch_caches(self.identity, self.ignore_lists)
-        self.proxy = Proxy(settings, self.client, self.identity, self.ignore_lists, self.metrics)
+        self.proxy = Proxy(
+            settings, upstream, self.client, self.identity, self.ignore_lists, self.metrics
+        )
         self.own = Starlette(
             routes=[
                 Route(OWN_PREFIX + "health/live", self.live),

@@ -24,7 +24,7 @@ from .logs import log_request
 from .metrics import PASSTHROUGH, Metrics
 from .responses import BodyTooLarge, read_body, relay, send_rewritten
 from .routes import AmbiguousPath, Route, RouteMatch, match
-from .upstream import REQUEST_ONLY, build_request, forwardable, timeout_for, upstream_url
+from .upstream import REQUEST_ONLY, Upstream, UpstreamResponse, forwardable, target, timeouts_for
 
 log = logging.getLogger(__name__)
 
@@ -127,13 +127,15 @@ class Proxy:
     def __init__(
         self,
         settings: Settings,
+        upstream: Upstream,
         client: httpx.AsyncClient,
         identity: IdentityResolver,
         ignore_lists: IgnoreListStore,
         metrics: Metrics,
     ) -> None:
         self.settings = settings
-        self.client = client
+        self.upstream = upstream
+        self.client = client  # the proxy's own lookups
         self.identity = identity
         self.ignore_lists = ignore_lists
         self.metrics = metrics
@@ -204,19 +206,18 @@ class Proxy:
             if found.route.reads_body:
                 request_headers = _identity_encoding(request_headers)
         try:
-            request = build_request(
-                method,
-                upstream_url(self.client, raw_path, query),
-                request_headers,
-                body,
-                timeout_for(self.settings, query),
-            )
             long_poll = b"timeout=" in query
             if long_poll:
                 self.metrics.long_polls.inc()
             sent = time.perf_counter()
             try:
-                response = await self.client.send(request, stream=True)
+                response = await self.upstream.send(
+                    method,
+                    target(raw_path, query),
+                    request_headers,
+                    body,
+                    timeouts_for(self.settings, query),
+                )
             except RequestTooLarge:
                 await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
                 return
@@ -299,7 +300,7 @@ class Proxy:
                 raise ListUnavailable from None
         return user_id
 
-    async def _respond(self, call: _Call, response: httpx.Response) -> None:
+    async def _respond(self, call: _Call, response: UpstreamResponse) -> None:
         send, route, status = call.exchange.send, call.found.route, response.status_code
         succeeded = 200 <= status < 300
         if route.evicts is not None and succeeded and call.creds is not None:
@@ -333,7 +334,7 @@ class Proxy:
         if user_id == call.found.params["user_id"]:
             self.ignore_lists.set(user_id, call.new_list)
 
-    async def _respond_single_event_error(self, call: _Call, response: httpx.Response) -> None:
+    async def _respond_single_event_error(self, call: _Call, response: UpstreamResponse) -> None:
         body = await self._read(call, response, _ERROR_BODY_LIMIT)
         if body is None:
             return
@@ -344,7 +345,7 @@ class Proxy:
             await self._send_sender_ignored(call, own_answer.sender)
 
     async def _respond_filtered(
-        self, call: _Call, user: asyncio.Task[str], response: httpx.Response
+        self, call: _Call, user: asyncio.Task[str], response: UpstreamResponse
     ) -> None:
         send, route = call.exchange.send, call.found.route
         try:
@@ -375,7 +376,7 @@ class Proxy:
             context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
             await self._send_rewritten(call, response, body, context)
 
-    async def _send_list_unavailable(self, send: Send, response: httpx.Response) -> None:
+    async def _send_list_unavailable(self, send: Send, response: UpstreamResponse) -> None:
         self.metrics.list_unavailable.inc()
         if self.settings.ignore.on_unavailable == "pass":
             await relay(send, response)
@@ -400,7 +401,7 @@ class Proxy:
         return True
 
     async def _send_nearest_unignored(
-        self, call: _Call, response: httpx.Response, body: bytes, ignored: frozenset[str]
+        self, call: _Call, response: UpstreamResponse, body: bytes, ignored: frozenset[str]
     ) -> None:
         """`timestamp_to_event` names an event but not its sender: look it up."""
         send = call.exchange.send
@@ -420,7 +421,7 @@ class Proxy:
             await send_rewritten(send, response, answer)
 
     async def _send_rewritten(
-        self, call: _Call, response: httpx.Response, body: bytes, context: rewrite.IgnoreContext
+        self, call: _Call, response: UpstreamResponse, body: bytes, context: rewrite.IgnoreContext
     ) -> None:
         send, route = call.exchange.send, call.found.route
         try:
@@ -483,7 +484,7 @@ class Proxy:
         await send_json(call.exchange.send, 404, body)
 
     async def _read(
-        self, call: _Call, response: httpx.Response, limit: int | None = None
+        self, call: _Call, response: UpstreamResponse, limit: int | None = None
     ) -> bytes | None:
         try:
             return await read_body(response, limit or self.settings.limits.max_rewrite_body)

@@ -1,17 +1,17 @@
-"""Forwarding: the one shared upstream client, and how requests and answers cross it."""
+"""Forwarding: the upstream pool, the httpx client the proxy's own lookups use, and how
+requests and answers cross them."""
 
 from __future__ import annotations
 
 import http.cookiejar
 from collections.abc import AsyncIterator, Iterable
+from typing import Protocol
 from urllib.parse import parse_qsl
 
 import httpx
 
 from .config import Settings
-from .transport import AiohttpTransport
-
-RawHeaders = list[tuple[bytes, bytes]]
+from .pool import Body, RawHeaders, Timeouts, UpstreamPool
 
 HOP_BY_HOP = frozenset(
     {
@@ -27,10 +27,126 @@ HOP_BY_HOP = frozenset(
     }
 )
 # `Expect: 100-continue` was answered by our own server when the body was read; passed on,
-# it would make the upstream client wait for a `100 Continue` some servers never send.
+# it would make the upstream wait for a `100 Continue` some clients never wait for.
 REQUEST_ONLY = frozenset({b"expect"})
 # Dropped from answers the proxy rewrites: the new body gets its own length.
 BODY_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-encoding"})
+
+
+class UpstreamResponse(Protocol):
+    """An upstream answer whose head has arrived (`pool.Response`, or httpx's adapted)."""
+
+    @property
+    def status_code(self) -> int: ...
+
+    @property
+    def headers(self) -> RawHeaders: ...
+
+    def aiter_raw(self) -> AsyncIterator[bytes]: ...
+
+    async def aclose(self) -> None: ...
+
+
+class Upstream(Protocol):
+    async def send(
+        self, method: str, target: bytes, headers: RawHeaders, body: Body, timeouts: Timeouts
+    ) -> UpstreamResponse: ...
+
+
+class _HttpxResponse:
+    """An httpx answer seen as an `UpstreamResponse`."""
+
+    __slots__ = ("_response", "headers", "status_code")
+
+    def __init__(self, response: httpx.Response) -> None:
+        self._response = response
+        self.status_code = response.status_code
+        self.headers: RawHeaders = list(response.headers.raw)
+
+    def aiter_raw(self) -> AsyncIterator[bytes]:
+        return self._response.aiter_raw()
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+class HttpxUpstream:
+    """Forwarding through an httpx client: for a transport given from outside (the tests'
+    in-process homeservers). Production forwards through the pool directly."""
+
+    def __init__(self, client: httpx.AsyncClient) -> None:
+        self.client = client
+
+    async def send(
+        self, method: str, target: bytes, headers: RawHeaders, body: Body, timeouts: Timeouts
+    ) -> UpstreamResponse:
+        timeout = httpx.Timeout(
+            connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
+        )
+        request = httpx.Request(
+            method,
+            self.client.base_url.copy_with(raw_path=target),
+            headers=headers,
+            content=body,
+            extensions={"timeout": timeout.as_dict()},
+        )
+        return _HttpxResponse(await self.client.send(request, stream=True))
+
+
+class _PoolStream(httpx.AsyncByteStream):
+    def __init__(self, response: UpstreamResponse) -> None:
+        self._response = response
+
+    async def __aiter__(self) -> AsyncIterator[bytes]:
+        async for chunk in self._response.aiter_raw():
+            yield chunk
+
+    async def aclose(self) -> None:
+        await self._response.aclose()
+
+
+async def _stream(stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
+    async for chunk in stream:
+        yield chunk
+
+
+class PoolTransport(httpx.AsyncBaseTransport):
+    """httpx over the pool, for the proxy's own lookups (whoami, ignore lists, ...)."""
+
+    def __init__(self, pool: UpstreamPool) -> None:
+        self.pool = pool
+
+    async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
+        timeout = request.extensions.get("timeout", {})
+        stream = request.stream
+        body: Body = (
+            b"".join(stream) if isinstance(stream, httpx.ByteStream)
+            else _stream(stream)  # type: ignore[arg-type]
+        )  # fmt: skip
+        # httpx frames a body of unknown length itself: the pool decides that.
+        headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"transfer-encoding"]
+        response = await self.pool.send(
+            request.method,
+            request.url.raw_path,
+            headers,
+            body or None,
+            Timeouts(
+                timeout.get("connect"),
+                timeout.get("read"),
+                timeout.get("write"),
+                timeout.get("pool"),
+            ),
+        )
+        return httpx.Response(
+            status_code=response.status_code,
+            headers=response.headers,
+            stream=_PoolStream(response),
+            request=request,
+            extensions={"http_version": b"HTTP/1.1"},
+        )
+
+    async def aclose(self) -> None:
+        await self.pool.aclose()
 
 
 class _NoCookies(http.cookiejar.DefaultCookiePolicy):
@@ -43,40 +159,25 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
-class _NeverStored(httpx.Cookies):
-    """httpx hands every answer to the jar, wrapping it in urllib/email objects first
-    (~10% of a tiny pass-through's CPU in a profile): skip that, there is nothing to keep."""
-
-    def extract_cookies(self, response: httpx.Response) -> None:
-        return None
-
-
-def create_client(
-    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-) -> httpx.AsyncClient:
-    limits = httpx.Limits(
+def create_pool(settings: Settings) -> UpstreamPool:
+    return UpstreamPool(
+        settings.upstream,
         max_connections=settings.limits.max_connections,
         max_keepalive_connections=settings.limits.max_keepalive_connections,
         keepalive_expiry=30.0,
     )
-    client = httpx.AsyncClient(
+
+
+def create_client(settings: Settings, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
+    """The client of the proxy's own lookups, as the user: no defaults, no cookies."""
+    return httpx.AsyncClient(
         base_url=settings.upstream,
         timeout=base_timeout(settings),
-        limits=limits,
         cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
         follow_redirects=False,
         trust_env=False,
-        # aiohttp underneath: httpcore was the bottleneck (see transport.py, README Benchmarks).
-        transport=transport
-        or AiohttpTransport(
-            max_connections=settings.limits.max_connections,
-            max_keepalive_connections=settings.limits.max_keepalive_connections,
-            keepalive_expiry=30.0,
-        ),
+        transport=transport,
     )
-    # Set directly: the `cookies` setter would wrap it in a plain Cookies again.
-    client._cookies = _NeverStored(http.cookiejar.CookieJar(policy=_NoCookies()))
-    return client
 
 
 def base_timeout(settings: Settings) -> httpx.Timeout:
@@ -84,7 +185,7 @@ def base_timeout(settings: Settings) -> httpx.Timeout:
     return httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool)
 
 
-def timeout_for(settings: Settings, query_string: bytes) -> httpx.Timeout:
+def timeouts_for(settings: Settings, query_string: bytes) -> Timeouts:
     """A long-poll (`?timeout=ms`) may stay silent for that long, plus the usual read timeout."""
     timeouts = settings.timeouts
     read = timeouts.read
@@ -93,9 +194,7 @@ def timeout_for(settings: Settings, query_string: bytes) -> httpx.Timeout:
             if key == "timeout" and value.isdigit():
                 read += min(int(value) / 1000, timeouts.max_long_poll)
                 break
-    return httpx.Timeout(
-        connect=timeouts.connect, read=read, write=timeouts.write, pool=timeouts.pool
-    )
+    return Timeouts(timeouts.connect, read, timeouts.write, timeouts.pool)
 
 
 def hop_by_hop_names(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
@@ -115,21 +214,6 @@ def forwardable(
     return [(name, value) for name, value in headers if name.lower() not in drop]
 
 
-def upstream_url(client: httpx.AsyncClient, raw_path: bytes, query_string: bytes) -> httpx.URL:
-    """The upstream URL, from the raw path: `%23`, `%2F`, `%40` must arrive unchanged."""
-    target = raw_path + (b"?" + query_string if query_string else b"")
-    return client.base_url.copy_with(raw_path=target)
-
-
-def build_request(
-    method: str,
-    url: httpx.URL,
-    headers: RawHeaders,
-    body: AsyncIterator[bytes] | bytes | None,
-    timeout: httpx.Timeout,
-) -> httpx.Request:
-    # Built directly rather than with client.build_request so that the client's default
-    # headers (User-Agent, Accept-Encoding, ...) are not added to what the user sent.
-    return httpx.Request(
-        method, url, headers=headers, content=body, extensions={"timeout": timeout.as_dict()}
-    )
+def target(raw_path: bytes, query_string: bytes) -> bytes:
+    """The request target, from the raw path: `%23`, `%2F`, `%40` must arrive unchanged."""
+    return raw_path + (b"?" + query_string if query_string else b"")
