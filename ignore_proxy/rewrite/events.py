@@ -7,9 +7,8 @@ input bytes". Only what a decision needs is ever decoded.
 
 from __future__ import annotations
 
-from bisect import bisect_right
 from collections.abc import Callable
-from itertools import accumulate
+from itertools import compress, count
 from typing import Any, Final
 
 import msgspec
@@ -133,7 +132,6 @@ class Run:
 
     __slots__ = (
         "_escapes",
-        "_finditer",
         "_search",
         "always",
         "anything",
@@ -161,7 +159,6 @@ class Run:
         """Escapes may spell an ignored ID anywhere: check parts one by one."""
         pattern = mentions.pattern(False)
         self._search = pattern.search
-        self._finditer = pattern.finditer
         self._escapes = mentions.escapes_in if escapes else None
 
     def result(self, body: bytes) -> Rewritten:
@@ -173,29 +170,12 @@ class Run:
             self._escapes is not None and self._escapes(as_bytes(raw))
         )
 
-    def mention_offsets(self, raw: Raw) -> list[int] | None:
-        """Where in ``raw`` ignored users' minimal spellings start (empty: ``raw`` certainly
-        mentions none of them); None if that is not enough to tell (escapes, see
-        ``always``: use ``relevant``)."""
-        if self.always:
-            return None
-        return [m.start() for m in self._finditer(raw)]
-
-    def relevant_items(
-        self, raw: Raw, items: list[Raw], offsets: list[int] | None = None
-    ) -> set[int] | None:
-        """Indexes of the items of array ``raw`` that may mention an ignored user, found
-        with one search over the array (or from its ``mention_offsets``); None if the
-        array is not written compactly (item offsets unknown: check items one by one)."""
-        if self.always:
-            return None
-        # item i starts after one "[", the i items before it and a comma after each
-        starts = list(accumulate([len(item) + 1 for item in items], initial=1))
-        if (starts[-1] if items else 2) != len(raw):
-            return None
-        if offsets is None:
-            offsets = [m.start() for m in self._finditer(raw)]
-        return {bisect_right(starts, offset) - 1 for offset in offsets}
+    def relevant_indexes(self, raws: list[Raw]) -> list[int]:
+        """Indexes of the parts of ``raws`` that may mention an ignored user (ascending).
+        Without escapes to heed, one search each with no Python code per part."""
+        if self._escapes is not None or self.always:
+            return [index for index, raw in enumerate(raws) if self.relevant(raw)]
+        return list(compress(count(), map(self._search, raws)))
 
     def hides(self, head: Head) -> bool:
         """Is this an ignored sender's non-state event?"""
@@ -209,44 +189,21 @@ class Run:
 # --- walking arrays and objects -------------------------------------------------------
 
 
-def edit_items(
-    raw: Raw, run: Run, fn: Callable[[Raw], Raw | None], *, one_search: bool = False
-) -> Raw | None:
+def edit_items(raw: Raw, run: Run, fn: Callable[[Raw], Raw | None]) -> Raw | None:
     """Array ``raw`` with each item that may mention an ignored user replaced by
     ``fn(item)``: None keeps the item, DROP removes it (``fn`` counts what it removes).
-    None if nothing changed or ``raw`` is not an array. ``one_search``: find those items
-    with ``run.relevant_items`` instead of one search per item (the same items)."""
-    offsets = run.mention_offsets(raw) if one_search else None
-    if offsets is None:
-        if not run.relevant(raw):
-            return None
-    elif not offsets:
+    None if nothing changed or ``raw`` is not an array."""
+    if not run.relevant(raw):
         return None
     items = split_array(raw)
     if items is None:
         return None
-    relevant = run.relevant_items(raw, items, offsets) if one_search else None
-    if relevant is not None:
-        return _edit_some(items, sorted(relevant), fn)
-    out: list[Raw] = []
-    changed = False
-    for item in items:
-        if not run.relevant(item):
-            out.append(item)
-            continue
-        new = fn(item)
-        if new is None:
-            out.append(item)
-        else:
-            changed = True
-            if new is not DROP:
-                out.append(new)
-    return encode_array(out) if changed else None
+    return _edit_some(items, run.relevant_indexes(items), fn)
 
 
 def _edit_some(items: list[Raw], indexes: list[int], fn: Callable[[Raw], Raw | None]) -> Raw | None:
     """``edit_items`` on the items at ``indexes`` (ascending) only; ``items`` is edited."""
-    dropped: set[int] = set()
+    dropped: list[int] = []
     changed = False
     for index in indexes:
         new = fn(items[index])
@@ -254,13 +211,13 @@ def _edit_some(items: list[Raw], indexes: list[int], fn: Callable[[Raw], Raw | N
             continue
         changed = True
         if new is DROP:
-            dropped.add(index)
+            dropped.append(index)
         else:
             items[index] = new
     if not changed:
         return None
-    if dropped:
-        items = [item for index, item in enumerate(items) if index not in dropped]
+    for index in reversed(dropped):
+        del items[index]
     return encode_array(items)
 
 
@@ -456,7 +413,7 @@ def filter_events(
             return filter_ephemeral(item, head, run)
         return fix_event(item, head, run)
 
-    return edit_items(raw, run, one, one_search=True)
+    return edit_items(raw, run, one)
 
 
 def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:

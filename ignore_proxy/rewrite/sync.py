@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from itertools import repeat
 from typing import Any, cast
 
 import msgspec
@@ -101,13 +102,34 @@ def _rooms_in(rooms: dict[str, Raw], run: Run, *, joined: bool) -> bool:
 
 
 def _rooms_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run, *, joined: bool) -> bool:
-    """``_rooms_in`` on rooms already split two levels deep (edited in place). Rooms are
-    not searched first: ``filter_events`` searches each list before splitting it."""
+    """``_rooms_in`` on rooms already split two levels deep (edited in place).
+
+    Each kind of events list is gathered from all rooms and searched at once: most
+    lists mention no ignored user, and they then cost no Python code of their own.
+    """
+    room_ids = list(rooms)
+    room_list = list(rooms.values())
+    ephemeral = joined and run.ctx.filter_ephemeral
+    found: list[tuple[int, int, dict[str, Raw]]] = []
+    for rank, (key, _) in enumerate(_SECTIONS):
+        if key == "ephemeral" and not ephemeral:
+            continue
+        sections = list(map(dict.get, room_list, repeat(key), repeat(_NO_SECTION)))
+        events = list(map(dict.get, sections, repeat("events"), repeat(EMPTY)))
+        found.extend((index, rank, sections[index]) for index in run.relevant_indexes(events))
     changed = False
-    for room_id, sections in rooms.items():
-        run.room_id = room_id
-        changed |= _room_sections(sections, run, joined=joined)
+    # room by room, sections in their usual order: stale threads are reported as before
+    for index, rank, section in sorted(found):
+        run.room_id = room_ids[index]
+        key, keep_all = _SECTIONS[rank]
+        new = filter_events(section["events"], run, keep_all=keep_all, ephemeral=key == "ephemeral")
+        if new is not None:
+            section["events"] = new
+            changed = True
     return changed
+
+
+_NO_SECTION: dict[str, Raw] = {}
 
 
 def _invites_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run) -> bool:
