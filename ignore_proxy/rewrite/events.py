@@ -189,11 +189,14 @@ class Run:
 # --- walking arrays and objects -------------------------------------------------------
 
 
-def edit_items(raw: Raw, run: Run, fn: Callable[[Raw], Raw | None]) -> Raw | None:
+def edit_items(
+    raw: Raw, run: Run, fn: Callable[[Raw], Raw | None], *, searched: bool = False
+) -> Raw | None:
     """Array ``raw`` with each item that may mention an ignored user replaced by
     ``fn(item)``: None keeps the item, DROP removes it (``fn`` counts what it removes).
-    None if nothing changed or ``raw`` is not an array."""
-    if not run.relevant(raw):
+    None if nothing changed or ``raw`` is not an array. ``searched``: the caller found
+    already that ``raw`` may mention one (``run.relevant``)."""
+    if not searched and not run.relevant(raw):
         return None
     items = split_array(raw)
     if items is None:
@@ -391,6 +394,7 @@ def filter_events(
     invites: bool = False,
     ephemeral: bool = False,
     keep_all: bool = False,
+    searched: bool = False,
 ) -> Raw | None:
     """A JSON array of events without ignored senders' non-state events.
 
@@ -398,7 +402,7 @@ def filter_events(
     ignored user. ``ephemeral``: filter sender-less ``m.typing`` / ``m.receipt`` events
     (when the context asks for it). ``keep_all``: remove nothing (state lists), only fix
     bundled aggregations. Anything that is not an array, or items that are not objects,
-    are left untouched. None if nothing changed.
+    are left untouched. None if nothing changed. ``searched``: as for ``edit_items``.
     """
     ephemeral = ephemeral and run.ctx.filter_ephemeral
 
@@ -413,7 +417,7 @@ def filter_events(
             return filter_ephemeral(item, head, run)
         return fix_event(item, head, run)
 
-    return edit_items(raw, run, one)
+    return edit_items(raw, run, one, searched=searched)
 
 
 def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:

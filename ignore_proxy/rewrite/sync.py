@@ -122,7 +122,13 @@ def _rooms_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run, *, joined
     for index, rank, section in sorted(found):
         run.room_id = room_ids[index]
         key, keep_all = _SECTIONS[rank]
-        new = filter_events(section["events"], run, keep_all=keep_all, ephemeral=key == "ephemeral")
+        new = filter_events(
+            section["events"],
+            run,
+            keep_all=keep_all,
+            ephemeral=key == "ephemeral",
+            searched=True,
+        )
         if new is not None:
             section["events"] = new
             changed = True
@@ -226,12 +232,12 @@ _TOP_NAMES = tuple(
 )
 
 
-def _split_top(body: bytes) -> tuple[Tree4, int, int] | None:
-    """The ``rooms`` of a compact ``/sync`` body split four levels deep, and where its
-    text starts and ends; None unless the body is an object of known members only,
-    written compactly with minimal spelling (then, and only then, the lengths of its
-    parts add up to ``len(body)``, and re-encoding the top level would give ``body``
-    back: splicing a new ``rooms`` in gives what re-encoding would)."""
+def _split_top(body: bytes) -> tuple[Tree4, dict[str, Raw]] | None:
+    """The ``rooms`` of a compact ``/sync`` body split four levels deep, and all the
+    top-level members in their order (``rooms`` as that tree); None unless the body is
+    an object of known members only, written compactly with minimal spelling (then, and
+    only then, the lengths of its parts add up to ``len(body)``, and rendering those
+    members gives ``body`` back)."""
     try:
         top = _top_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
@@ -242,7 +248,7 @@ def _split_top(body: bytes) -> tuple[Tree4, int, int] | None:
     if rooms_len < 0:
         return None
     members = {b"rooms": rooms_len}
-    values: dict[bytes, Raw] = {}
+    values: dict[bytes, Raw] = {b"rooms": cast(Raw, top.rooms)}
     for name, key in _TOP_NAMES:
         value = getattr(top, name)
         if len(value):
@@ -252,8 +258,8 @@ def _split_top(body: bytes) -> tuple[Tree4, int, int] | None:
     total = 1 + sum(len(key) + 4 + length for key, length in members.items())
     if total != len(body):
         return None
+    ordered: dict[str, Raw] = {}
     pos = 1
-    rooms_start = -1
     while members:
         for key in members:
             if body.startswith(b'"%s":' % key, pos):
@@ -262,14 +268,13 @@ def _split_top(body: bytes) -> tuple[Tree4, int, int] | None:
             return None
         start = pos + len(key) + 3
         end = start + members.pop(key)
-        if key == b"rooms":
-            rooms_start = start
-        elif body[start:end] != as_bytes(values[key]):
+        if key != b"rooms" and body[start:end] != as_bytes(values[key]):
             return None
         if body[end : end + 1] != (b"," if members else b"}"):
             return None
+        ordered[key.decode()] = values[key]
         pos = end + 1
-    return top.rooms, rooms_start, rooms_start + rooms_len
+    return top.rooms, ordered
 
 
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -283,14 +288,11 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """
     split = _split_top(body)
     if split is not None:
-        deep, rooms_start, rooms_end = split
+        deep, members = split
         run = Run(ctx, body)
         if not run.anything or not _sync_deep(deep, run):
             return None
-        view = memoryview(body)
-        return run.result(
-            b"".join((view[:rooms_start], render(cast(dict[str, Raw], deep)), view[rooms_end:]))
-        )
+        return run.result(render(members))
     started = start(body, ctx)
     if started is None:
         return None
