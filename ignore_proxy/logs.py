@@ -8,6 +8,7 @@ request id only.
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 
@@ -48,13 +49,24 @@ def configure(settings: Settings) -> None:
 
 
 def log_request(
-    method: str, route: str, status: int | str, seconds: float, request_id: str
+    method: str, route: str, status: int | str, seconds: float, headers: list[tuple[bytes, bytes]]
 ) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
+    request_id = _request_id(headers)
     duration_ms = round(seconds * 1000, 1)
     access_log.info(
         "%s %s %s %.1fms id=%s", method, route, status, duration_ms, request_id,
         extra={"fields": {"method": method, "route": route, "status": status,
                           "duration_ms": duration_ms, "request_id": request_id}},
     )  # fmt: skip
+
+
+def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+    """The client's (or nginx's) X-Request-ID if it looks like one, else a new one."""
+    for name, value in headers:
+        if name.lower() == b"x-request-id" and 0 < len(value) <= 128:
+            text = value.decode("latin-1")
+            if text.isascii() and text.replace("-", "").replace("_", "").isalnum():
+                return text
+    return os.urandom(8).hex()

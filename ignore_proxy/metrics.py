@@ -62,6 +62,21 @@ class Metrics:
             "ignore_proxy_long_polls_in_flight", "Requests with ?timeout= waiting upstream",
             registry=r,
         )  # fmt: skip
+        # Children by label, looked up without prometheus_client's checks on every request.
+        self._requests: dict[tuple[str, int | str], Counter] = {}
+        self._latency: dict[str, Histogram] = {}
+
+    def count_request(self, route: str, status: int | str) -> None:
+        child = self._requests.get((route, status))
+        if child is None:
+            child = self._requests[route, status] = self.requests.labels(route, str(status))
+        child.inc()
+
+    def observe_upstream(self, route: str, seconds: float) -> None:
+        child = self._latency.get(route)
+        if child is None:
+            child = self._latency[route] = self.upstream_latency.labels(route)
+        child.observe(seconds)
 
     def watch_caches(self, identity: IdentityResolver, ignore_lists: IgnoreListStore) -> None:
         self.registry.register(_CacheCollector(identity, ignore_lists))

@@ -44,7 +44,7 @@ RawHeaders = list[tuple[bytes, bytes]]
 Body = AsyncIterator[bytes] | bytes | None
 
 # Reading from the upstream pauses while this much of an answer waits for the client.
-_HIGH_WATER = 1024 * 1024
+_HIGH_WATER = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
 
 
@@ -158,6 +158,11 @@ class Response:
                     await self._waiter
                 finally:
                     self._waiter = None
+
+    @property
+    def at_eof(self) -> bool:
+        """Everything has arrived and been handed out by `aiter_raw`."""
+        return self._complete and not self._chunks
 
     async def read(self) -> bytes:
         return b"".join([chunk async for chunk in self.aiter_raw()])

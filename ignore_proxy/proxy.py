@@ -5,7 +5,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field, replace
@@ -32,6 +31,9 @@ log = logging.getLogger(__name__)
 _IGNORE_LIST_TYPE = frozenset({"m.ignored_user_list"})
 _ERROR_BODY_LIMIT = 64 * 1024
 _THREAD_REWRITE_BYTES = 2 * 1024 * 1024
+# Seconds before a request starts watching for its client going away (a long-poll, a big
+# download): cancelling it then releases its upstream connection at once.
+_WATCH_DISCONNECT_AFTER = 0.2
 # Thread summaries one answer may have looked up; beyond these they are left out.
 MAX_THREAD_LOOKUPS = 20
 
@@ -151,7 +153,12 @@ class Proxy:
         started = time.perf_counter()
         handler = asyncio.current_task()
         assert handler is not None
-        watcher = asyncio.create_task(exchange.watch_disconnect(handler))
+        watcher: list[asyncio.Task[None]] = []
+        # Most answers are done before a watcher would matter: start it only after a while.
+        watch_later = asyncio.get_running_loop().call_later(
+            _WATCH_DISCONNECT_AFTER,
+            lambda: watcher.append(asyncio.create_task(exchange.watch_disconnect(handler))),
+        )
         try:
             await self._handle(scope, exchange)
         except asyncio.CancelledError:
@@ -161,16 +168,15 @@ class Proxy:
         except ClientGone:
             return
         finally:
-            watcher.cancel()
+            watch_later.cancel()
+            for task in watcher:
+                task.cancel()
             status = exchange.status if exchange.status else "disconnected"
-            self.metrics.requests.labels(exchange.route, str(status)).inc()
+            self.metrics.count_request(exchange.route, status)
             log_request(
-                scope["method"],
-                exchange.route,
-                status,
-                time.perf_counter() - started,
-                _request_id(scope["headers"]),
-            )
+                scope["method"], exchange.route, status, time.perf_counter() - started,
+                scope["headers"],
+            )  # fmt: skip
 
     async def _handle(self, scope: Scope, exchange: _Exchange) -> None:
         method: str = scope["method"]
@@ -227,7 +233,7 @@ class Proxy:
             finally:
                 if long_poll:
                     self.metrics.long_polls.dec()
-            self.metrics.upstream_latency.labels(exchange.route).observe(time.perf_counter() - sent)
+            self.metrics.observe_upstream(exchange.route, time.perf_counter() - sent)
             try:
                 if response.status_code == 401:
                     self._forget_rejected_token(call, headers, query)
@@ -236,7 +242,8 @@ class Proxy:
                 else:
                     await self._respond(call, response)
             finally:
-                await asyncio.shield(response.aclose())
+                # Not shielded: closing a pool answer never waits, so it cannot be cut short.
+                await response.aclose()
         finally:
             if call is not None:
                 call.cancel_lookups()
@@ -498,16 +505,6 @@ class Proxy:
         except httpx.TransportError as exc:
             await _send_upstream_error(call.exchange.send, exc)
         return None
-
-
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
-    """The client's (or nginx's) X-Request-ID if it looks like one, else a new one."""
-    for name, value in headers:
-        if name.lower() == b"x-request-id" and 0 < len(value) <= 128:
-            text = value.decode("latin-1")
-            if text.isascii() and text.replace("-", "").replace("_", "").isalnum():
-                return text
-    return os.urandom(8).hex()
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

@@ -26,15 +26,19 @@ async def relay(send: Send, response: UpstreamResponse) -> None:
             "headers": forwardable(response.headers),
         }
     )
+    more = True
     try:
         async for chunk in response.aiter_raw():
-            await send({"type": "http.response.body", "body": chunk, "more_body": True})
+            # The last chunk ends the answer itself: one message fewer per small answer.
+            more = not response.at_eof
+            await send({"type": "http.response.body", "body": chunk, "more_body": more})
     except httpx.TransportError as exc:
         # The status line is gone already: all that is left is to cut the connection, so
         # the client sees a truncated answer rather than a complete-looking one.
         log.warning("upstream failed mid-body: %s", type(exc).__name__)
         return
-    await send({"type": "http.response.body", "body": b"", "more_body": False})
+    if more:
+        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _header(response: UpstreamResponse, name: bytes) -> bytes | None:

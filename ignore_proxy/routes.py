@@ -113,8 +113,32 @@ def _index(routes: tuple[Route, ...]) -> dict[tuple[str, int], tuple[Route, ...]
 _BY_SHAPE = _index(ROUTES)
 
 
+# Recent answers of `match`, by (method, raw path): the same paths come again and again
+# (`/sync`, `/pushrules/`, a room's `/messages`), and matching costs more than a lookup.
+_MATCHED: dict[tuple[str, bytes], RouteMatch | type[AmbiguousPath] | None] = {}
+_MATCHED_MAX = 4096
+_MATCHED_PATH_MAX = 512
+
+
 def match(method: str, raw_path: bytes) -> RouteMatch | None:
     """The route for a request, or None when the proxy has nothing to do with it."""
+    key = (method, raw_path)
+    found = _MATCHED.get(key, _MATCHED)
+    if found is _MATCHED:
+        try:
+            found = _match(method, raw_path)
+        except AmbiguousPath:
+            found = AmbiguousPath
+        if len(raw_path) <= _MATCHED_PATH_MAX:
+            if len(_MATCHED) >= _MATCHED_MAX:
+                _MATCHED.clear()
+            _MATCHED[key] = found
+    if found is AmbiguousPath:
+        raise AmbiguousPath
+    return found  # type: ignore[return-value]
+
+
+def _match(method: str, raw_path: bytes) -> RouteMatch | None:
     if b"client" not in raw_path.lower() and b"%" not in raw_path:
         return None  # the common fast case: media, federation, admin, well-known
     if method == "HEAD":

@@ -44,6 +44,11 @@ class UpstreamResponse(Protocol):
 
     def aiter_raw(self) -> AsyncIterator[bytes]: ...
 
+    @property
+    def at_eof(self) -> bool:
+        """Whether the chunk `aiter_raw` just gave was the last one."""
+        ...
+
     async def aclose(self) -> None: ...
 
 
@@ -65,6 +70,8 @@ class _HttpxResponse:
 
     def aiter_raw(self) -> AsyncIterator[bytes]:
         return self._response.aiter_raw()
+
+    at_eof = False  # httpx does not tell; the end is an empty last message
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -197,21 +204,24 @@ def timeouts_for(settings: Settings, query_string: bytes) -> Timeouts:
     return Timeouts(timeouts.connect, read, timeouts.write, timeouts.pool)
 
 
-def hop_by_hop_names(headers: Iterable[tuple[bytes, bytes]]) -> frozenset[bytes]:
-    named = set(HOP_BY_HOP)
-    for name, value in headers:
-        if name.lower() == b"connection":
-            named.update(token.strip().lower() for token in value.split(b","))
-    return frozenset(named)
-
-
 def forwardable(
     headers: Iterable[tuple[bytes, bytes]], also_drop: frozenset[bytes] = frozenset()
 ) -> RawHeaders:
     """The end-to-end headers of a message, as raw pairs, repeated ones kept in order."""
-    headers = list(headers)
-    drop = hop_by_hop_names(headers) | also_drop
-    return [(name, value) for name, value in headers if name.lower() not in drop]
+    headers = headers if isinstance(headers, list) else list(headers)
+    drop = HOP_BY_HOP | also_drop if also_drop else HOP_BY_HOP
+    kept = [(name, value) for name, value in headers if name.lower() not in drop]
+    if len(kept) < len(headers):
+        # `Connection` may name more hop-by-hop headers (RFC 9110 7.6.1).
+        named = {
+            token.strip().lower()
+            for name, value in headers
+            if name.lower() == b"connection"
+            for token in value.split(b",")
+        }
+        if named:
+            kept = [(name, value) for name, value in kept if name.lower() not in named]
+    return kept
 
 
 def target(raw_path: bytes, query_string: bytes) -> bytes:
