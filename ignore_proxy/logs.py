@@ -7,10 +7,13 @@ request id only.
 
 from __future__ import annotations
 
+import asyncio
+import atexit
 import logging
 import os
 import sys
 import time
+from typing import TextIO
 
 import msgspec
 
@@ -42,6 +45,8 @@ def configure(settings: Settings) -> None:
         handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
     root = logging.getLogger()
     root.handlers[:] = [handler]
+    global _access_writer
+    _access_writer = _AccessWriter(handler.stream, settings.logging.format == "json")
     root.setLevel(settings.logging.level.upper())
     # httpx logs every request URL at INFO, and URLs can carry ?access_token=.
     for noisy in ("httpx", "httpcore"):
@@ -55,11 +60,70 @@ def log_request(
         return
     request_id = _request_id(headers)
     duration_ms = round(seconds * 1000, 1)
+    if _access_writer is not None:
+        _access_writer.write(method, route, status, duration_ms, request_id)
+        return
     access_log.info(
         "%s %s %s %.1fms id=%s", method, route, status, duration_ms, request_id,
         extra={"fields": {"method": method, "route": route, "status": status,
                           "duration_ms": duration_ms, "request_id": request_id}},
     )  # fmt: skip
+
+
+class _AccessWriter:
+    """Access lines written as `logging` would format them, without its per-record cost.
+
+    Through `logging`, one line cost ~15 us of CPU plus a write per request (a tiny
+    pass-through costs ~80 us in all; benchmarks/). Here lines are formatted directly and
+    written once per turn of the event loop, however many requests ended in it.
+    """
+
+    def __init__(self, stream: TextIO, json_lines: bool) -> None:
+        self.stream = stream
+        self.json_lines = json_lines
+        self.pending: list[str] = []
+        self._second = -1
+        self._stamp = ""
+        atexit.register(self.flush)
+
+    def write(
+        self, method: str, route: str, status: int | str, duration_ms: float, request_id: str
+    ) -> None:
+        now = time.time()
+        second = int(now)
+        millis = int((now - second) * 1000)
+        if second != self._second:
+            self._second = second
+            fmt = "%Y-%m-%dT%H:%M:%S" if self.json_lines else "%Y-%m-%d %H:%M:%S"
+            self._stamp = time.strftime(
+                fmt, (time.gmtime if self.json_lines else time.localtime)(now)
+            )
+        message = f"{method} {route} {status} {duration_ms:.1f}ms id={request_id}"
+        if self.json_lines:
+            line = msgspec.json.encode(
+                {"time": f"{self._stamp}.{millis:03d}Z", "level": "info", "logger": access_log.name,
+                 "message": message, "method": method, "route": route, "status": status,
+                 "duration_ms": duration_ms, "request_id": request_id}
+            ).decode()  # fmt: skip
+        else:
+            line = f"{self._stamp},{millis:03d} INFO {access_log.name}: {message}"
+        if not self.pending:
+            try:
+                asyncio.get_running_loop().call_soon(self.flush)
+            except RuntimeError:  # no event loop: write at once
+                self.pending.append(line)
+                self.flush()
+                return
+        self.pending.append(line)
+
+    def flush(self) -> None:
+        if self.pending:
+            lines, self.pending = self.pending, []
+            self.stream.write("\n".join(lines) + "\n")
+            self.stream.flush()
+
+
+_access_writer: _AccessWriter | None = None
 
 
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
