@@ -7,8 +7,9 @@ input bytes". Only what a decision needs is ever decoded.
 
 from __future__ import annotations
 
+from bisect import bisect_right
 from collections.abc import Callable
-from itertools import compress, count
+from itertools import accumulate, chain, compress, count
 from typing import Any, Final
 
 import msgspec
@@ -32,7 +33,9 @@ __all__ = [
     "Run",
     "drop_ignored_keys",
     "edit_items",
+    "edit_items_at",
     "edit_members",
+    "event_filter",
     "filter_events",
     "filter_receipt_content",
     "fix_event",
@@ -45,8 +48,12 @@ DROP: Final = Raw(b"null")
 """Returned (by identity) by functions whose input must be removed altogether."""
 
 
-class Head(msgspec.Struct):
-    """The few members of an event the rewriters look at."""
+class Head(msgspec.Struct, gc=False):
+    """The few members of an event the rewriters look at.
+
+    Not tracked by the garbage collector (``gc=False``): it holds only strings and raw
+    bytes, so it can never be part of a reference cycle.
+    """
 
     sender: str | None = None
     type: str | None = None
@@ -177,6 +184,20 @@ class Run:
             return [index for index, raw in enumerate(raws) if self.relevant(raw)]
         return list(compress(count(), map(self._search, raws)))
 
+    def relevant_items(self, lists: list[list[Raw]]) -> dict[int, list[int]]:
+        """For lists of raw items: the indexes of the items that may mention an ignored
+        user, by list (lists with none are left out). All items are searched at once,
+        as by ``relevant_indexes``."""
+        hits = self.relevant_indexes(list(chain.from_iterable(lists)))
+        if not hits:
+            return {}
+        ends = list(accumulate(map(len, lists)))
+        found: dict[int, list[int]] = {}
+        for hit in hits:
+            owner = bisect_right(ends, hit)
+            found.setdefault(owner, []).append(hit - (ends[owner - 1] if owner else 0))
+        return found
+
     def hides(self, head: Head) -> bool:
         """Is this an ignored sender's non-state event?"""
         return head.sender is not None and head.sender in self.ignored and not head.is_state
@@ -189,23 +210,23 @@ class Run:
 # --- walking arrays and objects -------------------------------------------------------
 
 
-def edit_items(
-    raw: Raw, run: Run, fn: Callable[[Raw], Raw | None], *, searched: bool = False
-) -> Raw | None:
+def edit_items(raw: Raw, run: Run, fn: Callable[[Raw], Raw | None]) -> Raw | None:
     """Array ``raw`` with each item that may mention an ignored user replaced by
     ``fn(item)``: None keeps the item, DROP removes it (``fn`` counts what it removes).
-    None if nothing changed or ``raw`` is not an array. ``searched``: the caller found
-    already that ``raw`` may mention one (``run.relevant``)."""
-    if not searched and not run.relevant(raw):
+    None if nothing changed or ``raw`` is not an array."""
+    if not run.relevant(raw):
         return None
     items = split_array(raw)
     if items is None:
         return None
-    return _edit_some(items, run.relevant_indexes(items), fn)
+    return edit_items_at(items, run.relevant_indexes(items), fn)
 
 
-def _edit_some(items: list[Raw], indexes: list[int], fn: Callable[[Raw], Raw | None]) -> Raw | None:
-    """``edit_items`` on the items at ``indexes`` (ascending) only; ``items`` is edited."""
+def edit_items_at(
+    items: list[Raw], indexes: list[int], fn: Callable[[Raw], Raw | None]
+) -> Raw | None:
+    """``edit_items`` on the items at ``indexes`` (ascending) only; ``items`` is edited
+    in place (and returned, unless nothing changed)."""
     dropped: list[int] = []
     changed = False
     for index in indexes:
@@ -387,23 +408,10 @@ def filter_ephemeral(raw: Raw, head: Head, run: Run) -> Raw | None:
 # --- lists of events ------------------------------------------------------------------
 
 
-def filter_events(
-    raw: Raw,
-    run: Run,
-    *,
-    invites: bool = False,
-    ephemeral: bool = False,
-    keep_all: bool = False,
-    searched: bool = False,
-) -> Raw | None:
-    """A JSON array of events without ignored senders' non-state events.
-
-    ``invites``: also drop ``m.room.member`` invites of the requesting user sent by an
-    ignored user. ``ephemeral``: filter sender-less ``m.typing`` / ``m.receipt`` events
-    (when the context asks for it). ``keep_all``: remove nothing (state lists), only fix
-    bundled aggregations. Anything that is not an array, or items that are not objects,
-    are left untouched. None if nothing changed. ``searched``: as for ``edit_items``.
-    """
+def event_filter(
+    run: Run, *, invites: bool = False, ephemeral: bool = False, keep_all: bool = False
+) -> Callable[[Raw], Raw | None]:
+    """What ``filter_events`` does to each event that may mention an ignored user."""
     ephemeral = ephemeral and run.ctx.filter_ephemeral
 
     def one(item: Raw) -> Raw | None:
@@ -417,7 +425,27 @@ def filter_events(
             return filter_ephemeral(item, head, run)
         return fix_event(item, head, run)
 
-    return edit_items(raw, run, one, searched=searched)
+    return one
+
+
+def filter_events(
+    raw: Raw,
+    run: Run,
+    *,
+    invites: bool = False,
+    ephemeral: bool = False,
+    keep_all: bool = False,
+) -> Raw | None:
+    """A JSON array of events without ignored senders' non-state events.
+
+    ``invites``: also drop ``m.room.member`` invites of the requesting user sent by an
+    ignored user. ``ephemeral``: filter sender-less ``m.typing`` / ``m.receipt`` events
+    (when the context asks for it). ``keep_all``: remove nothing (state lists), only fix
+    bundled aggregations. Anything that is not an array, or items that are not objects,
+    are left untouched. None if nothing changed.
+    """
+    one = event_filter(run, invites=invites, ephemeral=ephemeral, keep_all=keep_all)
+    return edit_items(raw, run, one)
 
 
 def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:

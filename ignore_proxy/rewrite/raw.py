@@ -14,24 +14,25 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from itertools import chain
 from typing import Any, cast
 
 import msgspec
 
 __all__ = [
     "EMPTY",
+    "Member",
+    "Tree5",
     "as_bytes",
     "decode_value",
     "encode_array",
     "encode_object",
     "render",
+    "renders_as",
     "split_array",
     "split_object",
     "split_object2",
-    "split_object4",
+    "split_object5",
     "top_object",
-    "tree4_len",
 ]
 
 Raw = msgspec.Raw
@@ -186,39 +187,36 @@ def split_object2(data: Raw | bytes) -> dict[str, dict[str, Raw]] | None:
     return outer if total == len(data) else None
 
 
-Tree4 = dict[str, dict[str, dict[str, dict[str, Raw]]]]
-_obj4_decoder = msgspec.json.Decoder(Tree4)
+Member = list[Raw] | dict[str, Raw] | str | int | float | bool | None
+"""A value split one level: an array into raw items, an object into raw members, a
+scalar decoded."""
+Tree5 = dict[str, dict[str, dict[str, dict[str, Member]]]]
+_tree5_decoder = msgspec.json.Decoder(Tree5)
 
 
-def split_object4(data: Raw | bytes) -> Tree4 | None:
-    """Four levels at once (objects of objects of objects of objects), under the same
-    rule as ``split_object2``: only if re-encoding the tree gives back ``data`` exactly
-    (compact, minimally spelled keys, no duplicates: then and only then the lengths of
-    its parts add up to ``len(data)``). None otherwise: the caller splits level by level.
+def split_object5(data: Raw | bytes) -> Tree5 | None:
+    """Five levels at once: objects of objects of objects of objects of ``Member``s; one
+    pass instead of five.
+
+    Only if rendering the tree gives back ``data`` byte for byte (compact, minimally
+    spelled keys and strings, no duplicate keys, numbers written as msgspec writes
+    them): then rendering it after editing some of its parts changes nothing else. None
+    otherwise (also for anything of another shape): the caller splits level by level.
     """
     try:
-        outer = _obj4_decoder.decode(data)
+        tree = _tree5_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
-    return outer if tree4_len(outer) == len(data) else None
+    return tree if renders_as(tree, data) else None
 
 
-def tree4_len(outer: Tree4) -> int:
-    """Length of the compact encoding of a four-level tree; -1 if a key's minimal
-    spelling has a ``\\u`` escape (see ``_key_len``)."""
-    values = dict.values
-    level1 = list(outer.values())
-    level2 = list(chain.from_iterable(map(values, level1)))
-    level3 = list(chain.from_iterable(map(values, level2)))
-    dicts: list[dict[str, Any]] = [outer, *level1, *level2, *level3]
-    keys = list(chain.from_iterable(dicts))
-    keys_len = _keys_len(keys, len(keys))
-    if keys_len < 0:
-        return -1
-    empty = dicts.count({})
-    # per object: braces, a colon per member, commas between members
-    total = keys_len + 2 * len(keys) + len(dicts) + empty
-    return total + sum(map(len, chain.from_iterable(map(values, level3))))
+def renders_as(node: object, data: Raw | bytes) -> bool:
+    """Does rendering ``node`` give exactly ``data``? (``data`` is not copied.)"""
+    try:
+        rendered = _encoder.encode(node)
+    except (UnicodeEncodeError, msgspec.EncodeError):  # pragma: no cover - decoded JSON
+        return False
+    return len(rendered) == len(data) and rendered.startswith(data)
 
 
 def top_object(body: bytes) -> dict[str, Raw]:

@@ -3,23 +3,23 @@
 from __future__ import annotations
 
 from itertools import repeat
+from operator import itemgetter
 from typing import Any, cast
 
 import msgspec
 
-from .events import Run, filter_events, head_of
+from .events import Run, edit_items_at, event_filter, filter_events, head_of
 from .raw import (
     EMPTY,
+    Member,
     Raw,
-    Tree4,
-    as_bytes,
+    Tree5,
     encode_object,
     render,
     split_array,
     split_object,
     split_object2,
-    split_object4,
-    tree4_len,
+    split_object5,
 )
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
@@ -101,51 +101,54 @@ def _rooms_in(rooms: dict[str, Raw], run: Run, *, joined: bool) -> bool:
     return changed
 
 
-def _rooms_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run, *, joined: bool) -> bool:
-    """``_rooms_in`` on rooms already split two levels deep (edited in place).
+Room = dict[str, dict[str, Member]]
+"""A room split down to its sections' members (``timeline.events`` as a list of events)."""
 
-    Each kind of events list is gathered from all rooms and searched at once: most
-    lists mention no ignored user, and they then cost no Python code of their own.
+
+def _rooms_deep(rooms: dict[str, Room], run: Run, *, joined: bool) -> bool:
+    """``_rooms_in`` on rooms already split down to their events (edited in place).
+
+    The events of each kind of list are gathered from all rooms and searched at once:
+    events that mention no ignored user (most of them) cost no Python code of their own.
     """
     room_ids = list(rooms)
     room_list = list(rooms.values())
     ephemeral = joined and run.ctx.filter_ephemeral
-    found: list[tuple[int, int, dict[str, Raw]]] = []
+    found: list[tuple[int, int, list[Raw], list[int]]] = []
     for rank, (key, _) in enumerate(_SECTIONS):
         if key == "ephemeral" and not ephemeral:
             continue
-        sections = list(map(dict.get, room_list, repeat(key), repeat(_NO_SECTION)))
-        events = list(map(dict.get, sections, repeat("events"), repeat(EMPTY)))
-        found.extend((index, rank, sections[index]) for index in run.relevant_indexes(events))
+        sections = map(dict.get, room_list, repeat(key), repeat(_NO_SECTION))
+        lists = [_events_list(section) for section in sections]
+        for index, items in run.relevant_items(lists).items():
+            found.append((index, rank, lists[index], items))
+    filters = [
+        event_filter(run, keep_all=keep_all, ephemeral=key == "ephemeral")
+        for key, keep_all in _SECTIONS
+    ]
     changed = False
-    # room by room, sections in their usual order: stale threads are reported as before
-    for index, rank, section in sorted(found):
+    # room by room, sections in their usual order: stale threads are reported in that order
+    for index, rank, events, items in sorted(found, key=itemgetter(0, 1)):
         run.room_id = room_ids[index]
-        key, keep_all = _SECTIONS[rank]
-        new = filter_events(
-            section["events"],
-            run,
-            keep_all=keep_all,
-            ephemeral=key == "ephemeral",
-            searched=True,
-        )
-        if new is not None:
-            section["events"] = new
-            changed = True
+        changed |= edit_items_at(events, items, filters[rank]) is not None
     return changed
 
 
-_NO_SECTION: dict[str, Raw] = {}
+_NO_SECTION: dict[str, Member] = {}
+_NO_EVENTS: list[Raw] = []  # never edited: it has no events
 
 
-def _invites_deep(rooms: dict[str, dict[str, dict[str, Raw]]], run: Run) -> bool:
-    """``_invites_in`` on rooms already split two levels deep (edited in place)."""
+def _events_list(section: dict[str, Member]) -> list[Raw]:
+    events = section.get("events")
+    return events if isinstance(events, list) else _NO_EVENTS
+
+
+def _invites_deep(rooms: dict[str, Room], run: Run) -> bool:
+    """``_invites_in`` on rooms already split down to their events (edited in place)."""
     hidden = []
     for room_id, room in rooms.items():
-        invite_state = room.get("invite_state")
-        if invite_state is None or "events" not in invite_state:
-            continue
-        if invite_is_hidden(invite_state["events"], run):
+        invite_state = room.get("invite_state", _NO_SECTION)
+        if _invite_in(_events_list(invite_state), run):
             hidden.append(room_id)
     return _drop_invites(rooms, hidden, run)
 
@@ -159,7 +162,7 @@ def _drop_invites(rooms: dict[str, Any], hidden: list[str], run: Run) -> bool:
     return bool(hidden)
 
 
-def _sync_deep(deep: Tree4, run: Run) -> bool:
+def _sync_deep(deep: Tree5, run: Run) -> bool:
     changed = False
     if "join" in deep:
         changed |= _rooms_deep(deep["join"], run, joined=True)
@@ -175,10 +178,12 @@ def invite_is_hidden(events: Raw, run: Run) -> bool:
     if not run.relevant(events):
         return False
     items = split_array(events)
-    if items is None:
-        return False
-    for item in items:
-        head = head_of(item) if run.relevant(item) else None
+    return items is not None and _invite_in(items, run)
+
+
+def _invite_in(items: list[Raw], run: Run) -> bool:
+    for index in run.relevant_indexes(items):
+        head = head_of(items[index])
         if head is not None and run.hides_invite(head):
             return True
     return False
@@ -207,12 +212,14 @@ def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
     return _drop_invites(rooms, hidden, run)
 
 
-class _Top(msgspec.Struct):
-    """The members of a ``/sync`` answer: ``rooms`` split four levels deep, the others
+class _Top(msgspec.Struct, gc=False):
+    """The members of a ``/sync`` answer: ``rooms`` split down to its events, the others
     raw (empty when absent). Unknown members are skipped by msgspec: ``_split_top``
-    then finds the lengths do not add up and the caller splits the body generically."""
+    then finds the body is not what the members render as, and the caller splits the
+    body generically. Not tracked by the garbage collector: nothing it holds can refer
+    back to it."""
 
-    rooms: Tree4 | msgspec.UnsetType = msgspec.UNSET
+    rooms: Tree5 | msgspec.UnsetType = msgspec.UNSET
     next_batch: Raw = EMPTY
     account_data: Raw = EMPTY
     to_device: Raw = EMPTY
@@ -232,49 +239,40 @@ _TOP_NAMES = tuple(
 )
 
 
-def _split_top(body: bytes) -> tuple[Tree4, dict[str, Raw]] | None:
-    """The ``rooms`` of a compact ``/sync`` body split four levels deep, and all the
-    top-level members in their order (``rooms`` as that tree); None unless the body is
-    an object of known members only, written compactly with minimal spelling (then, and
-    only then, the lengths of its parts add up to ``len(body)``, and rendering those
-    members gives ``body`` back)."""
+def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
+    """The ``rooms`` of a ``/sync`` body split down to its events, and all the top-level
+    members in their order (``rooms`` as that tree); None unless rendering those members
+    gives ``body`` back byte for byte (see ``split_object5``; known members only)."""
     try:
         top = _top_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     if isinstance(top.rooms, msgspec.UnsetType):
         return None
-    rooms_len = tree4_len(top.rooms)
-    if rooms_len < 0:
-        return None
-    members = {b"rooms": rooms_len}
+    # each member's text as rendering it would write it
+    texts: dict[bytes, Raw | bytes] = {b"rooms": render(cast(Raw, top.rooms))}
     values: dict[bytes, Raw] = {b"rooms": cast(Raw, top.rooms)}
     for name, key in _TOP_NAMES:
         value = getattr(top, name)
         if len(value):
-            members[key] = len(value)
+            texts[key] = value
             values[key] = value
-    # braces, and per member: quoted key, colon, value, comma (one fewer)
-    total = 1 + sum(len(key) + 4 + length for key, length in members.items())
-    if total != len(body):
-        return None
     ordered: dict[str, Raw] = {}
-    pos = 1
-    while members:
-        for key in members:
-            if body.startswith(b'"%s":' % key, pos):
-                break
-        else:
+    pos = 1  # past "{"
+    while texts:
+        member = next((k for k in texts if body.startswith(b'"%s":' % k, pos)), None)
+        if member is None:
             return None
-        start = pos + len(key) + 3
-        end = start + members.pop(key)
-        if key != b"rooms" and body[start:end] != as_bytes(values[key]):
+        pos += len(member) + 3
+        text = texts.pop(member)
+        if not body.startswith(text, pos):
             return None
-        if body[end : end + 1] != (b"," if members else b"}"):
+        pos += len(text)
+        if body[pos : pos + 1] != (b"," if texts else b"}"):
             return None
-        ordered[key.decode()] = values[key]
-        pos = end + 1
-    return top.rooms, ordered
+        pos += 1
+        ordered[member.decode()] = values[member]
+    return (top.rooms, ordered) if body.startswith(b"{") and pos == len(body) else None
 
 
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -300,7 +298,7 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
         return None
-    rooms_deep = split_object4(rooms_raw)
+    rooms_deep = split_object5(rooms_raw)
     if rooms_deep is not None:
         changed = _sync_deep(rooms_deep, run)
         if changed:
