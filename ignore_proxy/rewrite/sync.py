@@ -119,7 +119,7 @@ def _rooms_deep(rooms: dict[str, Room], run: Run, *, joined: bool) -> bool:
         if key == "ephemeral" and not ephemeral:
             continue
         sections = map(dict.get, room_list, repeat(key), repeat(_NO_SECTION))
-        lists = [_events_list(section) for section in sections]
+        lists = _lists(list(map(dict.get, sections, repeat("events"), repeat(_NO_EVENTS))))
         for index, items in run.relevant_items(lists).items():
             found.append((index, rank, lists[index], items))
     filters = [
@@ -141,6 +141,13 @@ _NO_EVENTS: list[Raw] = []  # never edited: it has no events
 def _events_list(section: dict[str, Member]) -> list[Raw]:
     events = section.get("events")
     return events if isinstance(events, list) else _NO_EVENTS
+
+
+def _lists(values: list[Member]) -> list[list[Raw]]:
+    """``values`` with what is not a list (a malformed ``events``) as an empty list."""
+    if all(map(isinstance, values, repeat(list))):
+        return cast(list[list[Raw]], values)
+    return [value if isinstance(value, list) else _NO_EVENTS for value in values]
 
 
 def _invites_deep(rooms: dict[str, Room], run: Run) -> bool:
