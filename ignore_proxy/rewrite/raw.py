@@ -29,6 +29,7 @@ __all__ = [
     "render",
     "renders_as",
     "split_array",
+    "split_members",
     "split_object",
     "split_object2",
     "split_object5",
@@ -210,6 +211,19 @@ def split_object5(data: Raw | bytes) -> Tree5 | None:
     return tree if renders_as(tree, data) else None
 
 
+_members_decoder = msgspec.json.Decoder(dict[str, Member])
+
+
+def split_members(data: Raw | bytes) -> dict[str, Member] | None:
+    """An object split into ``Member``s (its arrays into raw items) in one pass; None
+    unless rendering them gives back ``data`` byte for byte (see ``split_object5``)."""
+    try:
+        members = _members_decoder.decode(data)
+    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
+        return None
+    return members if renders_as(members, data) else None
+
+
 def renders_as(node: object, data: Raw | bytes) -> bool:
     """Does rendering ``node`` give exactly ``data``? (``data`` is not copied.)"""
     try:
@@ -263,8 +277,8 @@ def encode_array(items: list[Raw]) -> Raw:
     return cast(Raw, items)
 
 
-def render(node: Raw | dict[str, Raw] | list[Raw]) -> bytes:
-    """Serialise a (possibly changed) tree of raw values in one pass."""
+def render(node: Raw | dict[str, Any] | list[Any]) -> bytes:
+    """Serialise a (possibly changed) tree of raw values (and ``Member``s) in one pass."""
     try:
         return _encoder.encode(node)
     except (UnicodeEncodeError, msgspec.EncodeError):
@@ -278,5 +292,6 @@ def _slow_render(node: object) -> bytes:
         return b"{" + b",".join(members) + b"}"
     if isinstance(node, list):
         return b"[" + b",".join(_slow_render(v) for v in node) + b"]"
-    assert isinstance(node, Raw)
-    return bytes(memoryview(node))
+    if isinstance(node, Raw):
+        return bytes(memoryview(node))
+    return _encoder.encode(node)  # a scalar msgspec decoded: it has no lone surrogate

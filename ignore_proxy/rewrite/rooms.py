@@ -3,13 +3,25 @@
 
 from __future__ import annotations
 
-from .events import DROP, Run, edit_items, filter_events, fix_event, head_of, redact_event
+from .events import (
+    DROP,
+    Run,
+    edit_items,
+    edit_items_at,
+    event_filter,
+    filter_events,
+    fix_event,
+    head_of,
+    redact_event,
+)
 from .raw import (
+    Member,
     Raw,
     decode_value,
     encode_object,
     render,
     split_array,
+    split_members,
     split_object,
     top_object,
 )
@@ -31,6 +43,9 @@ __all__ = [
 def _rewrite_lists(
     body: bytes, ctx: IgnoreContext, filtered: tuple[str, ...], state: tuple[str, ...] = ()
 ) -> Rewritten | None:
+    members = split_members(body)
+    if members is not None:
+        return _rewrite_split_lists(body, members, ctx, filtered, state)
     started = start(body, ctx)
     if started is None:
         return None
@@ -41,6 +56,27 @@ def _rewrite_lists(
     for key in state:
         changed |= edit(top, key, lambda raw: filter_events(raw, run, keep_all=True))
     return finish(top, run, changed)
+
+
+def _rewrite_split_lists(
+    body: bytes,
+    members: dict[str, Member],
+    ctx: IgnoreContext,
+    filtered: tuple[str, ...],
+    state: tuple[str, ...],
+) -> Rewritten | None:
+    """``_rewrite_lists`` on a body whose lists came split out of its one decode."""
+    run = Run(ctx, body)
+    if not run.anything:
+        return None
+    changed = False
+    for keys, keep_all in ((filtered, False), (state, True)):
+        one = event_filter(run, keep_all=keep_all)
+        for key in keys:
+            items = members.get(key)
+            if isinstance(items, list):
+                changed |= edit_items_at(items, run.relevant_indexes(items), one) is not None
+    return run.result(render(members)) if changed else None
 
 
 def rewrite_messages(body: bytes, ctx: IgnoreContext) -> Rewritten | None:

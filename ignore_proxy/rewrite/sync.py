@@ -257,7 +257,7 @@ def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
     if isinstance(top.rooms, msgspec.UnsetType):
         return None
     # each member's text as rendering it would write it
-    texts: dict[bytes, Raw | bytes] = {b"rooms": render(cast(Raw, top.rooms))}
+    texts: dict[bytes, Raw | bytes] = {b"rooms": render(top.rooms)}
     values: dict[bytes, Raw] = {b"rooms": cast(Raw, top.rooms)}
     for name, key in _TOP_NAMES:
         value = getattr(top, name)
