@@ -3,6 +3,7 @@ its real command line, wrk; each one stopped by its own pid."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import signal
@@ -151,24 +152,44 @@ def start_proxy(upstream: str, port: int, level: str, log: Path,
     return Proc("ignore-proxy", popen)
 
 
-def cpu_seconds(pid: int) -> float:
-    """utime + stime of one process, from /proc."""
+def _tree(pid: int) -> list[int]:
+    """The process and its children (the proxy's workers, when `--workers` > 1)."""
+    pids = [pid]
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        children = (task / "children").read_text().split()
+        pids.extend(int(child) for child in children)
+    return pids
+
+
+def _stat_cpu(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
-def peak_rss_mib(pid: int) -> float:
+def cpu_seconds(pid: int) -> float:
+    """utime + stime of a process and its children, from /proc."""
+    total = 0.0
+    for member in _tree(pid):
+        with contextlib.suppress(FileNotFoundError):  # a worker that just ended
+            total += _stat_cpu(member)
+    return total
+
+
+def _status_kib(pid: int, field: str) -> int:
     for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmHWM:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+        if line.startswith(field):
+            return int(line.split()[1])
+    return 0
+
+
+def peak_rss_mib(pid: int) -> float:
+    """Peak RSS (VmHWM) of a process, summed over its children: an upper bound for
+    several workers, whose shared pages count once per process."""
+    return sum(_status_kib(member, "VmHWM:") for member in _tree(pid)) / 1024
 
 
 def rss_mib(pid: int) -> float:
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return sum(_status_kib(member, "VmRSS:") for member in _tree(pid)) / 1024
 
 
 LUA = f"""

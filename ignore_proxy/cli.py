@@ -26,6 +26,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--config", metavar="FILE", help=f"TOML file (or {ENV_PREFIX}CONFIG)")
     parser.add_argument("--upstream", metavar="URL", help="homeserver base URL")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
+    parser.add_argument("--workers", metavar="N", help="processes serving the address (default 1)")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -33,7 +34,10 @@ def _parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
-        settings = load_settings(args.config, {"upstream": args.upstream, "listen": args.listen})
+        settings = load_settings(
+            args.config,
+            {"upstream": args.upstream, "listen": args.listen, "workers": args.workers},
+        )
     except ConfigError as exc:
         print(f"ignore-proxy: {exc}", file=sys.stderr)
         return 2
@@ -42,6 +46,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "healthcheck":
         return healthcheck(settings)
+    if settings.workers > 1:
+        from .workers import serve_workers
+
+        return serve_workers(settings)
     from .server import serve  # uvicorn is imported only to serve
 
     serve(settings)

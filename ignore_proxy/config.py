@@ -90,6 +90,8 @@ class Metrics(_Section, frozen=True):
 class Settings(_Section, frozen=True):
     upstream: str = DEFAULT_UPSTREAM
     listen: str = DEFAULT_LISTEN
+    # Processes serving `listen` (like nginx's worker_processes); each has its own caches.
+    workers: PositiveInt = 1
     timeouts: Timeouts = msgspec.field(default_factory=Timeouts)
     limits: Limits = msgspec.field(default_factory=Limits)
     identity: Identity = msgspec.field(default_factory=Identity)
@@ -126,7 +128,7 @@ def env_name(*key: str) -> str:
 
 def all_keys() -> list[tuple[str, ...]]:
     """Every settable key, as (key,) or (section, key)."""
-    keys: list[tuple[str, ...]] = [("upstream",), ("listen",)]
+    keys: list[tuple[str, ...]] = [("upstream",), ("listen",), ("workers",)]
     for section, struct in SECTIONS.items():
         keys.extend((section, field) for field in struct.__struct_fields__)
     return keys

@@ -138,6 +138,8 @@ class IgnoreListStore:
         self.failures = 0  # reads that failed (5xx, timeout, connection, 401/403, bad body)
         self.hits = 0  # lists that were fresh in memory
         self.misses = 0  # lists that had to be read (or joined a read in flight)
+        # Told of each user whose list changed here (workers: the others forget theirs).
+        self.on_change: Callable[[str], None] | None = None
 
     async def ensure_fresh(self, user_id: str, creds: Credentials) -> None:
         entry = self._entries.get(user_id)
@@ -165,7 +167,11 @@ class IgnoreListStore:
     def set(self, user_id: str, ignored: frozenset[str]) -> None:
         """Record a list known to be current (a PUT through the proxy, or seen in /sync)."""
         self._supersede(user_id)
-        self._entries[user_id] = _Entry(ignored - {user_id}, self._timer() + self._ttl)
+        ignored = ignored - {user_id}
+        before = self._entries.get(user_id)
+        self._entries[user_id] = _Entry(ignored, self._timer() + self._ttl)
+        if self.on_change is not None and (before is None or before.ignored != ignored):
+            self.on_change(user_id)
 
     def forget(self, user_id: str) -> None:
         self._supersede(user_id)

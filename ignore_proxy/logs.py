@@ -126,6 +126,12 @@ class _AccessWriter:
 _access_writer: _AccessWriter | None = None
 
 
+def flush() -> None:
+    """Write the access lines still waiting (a worker about to `os._exit`)."""
+    if _access_writer is not None:
+        _access_writer.flush()
+
+
 def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's (or nginx's) X-Request-ID if it looks like one, else a new one."""
     for name, value in headers:

@@ -4,6 +4,8 @@ user, a token or a path."""
 
 from __future__ import annotations
 
+import asyncio
+import os
 from collections.abc import Iterator
 
 from prometheus_client import (
@@ -21,6 +23,8 @@ from starlette.types import Receive, Scope, Send
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
 
+# Set (by `workers.py`) when several worker processes share one metrics store.
+MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
 PASSTHROUGH = "passthrough"  # the route class of everything not in the route table
 
 _LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120)
@@ -60,11 +64,12 @@ class Metrics:
         )
         self.long_polls = Gauge(
             "ignore_proxy_long_polls_in_flight", "Requests with ?timeout= waiting upstream",
-            registry=r,
+            registry=r, multiprocess_mode="livesum",  # workers: the sum over live ones
         )  # fmt: skip
         # Children by label, looked up without prometheus_client's checks on every request.
         self._requests: dict[tuple[str, int | str], Counter] = {}
         self._latency: dict[str, Histogram] = {}
+        self._mirror: _CacheMirror | None = None
 
     def count_request(self, route: str, status: int | str) -> None:
         child = self._requests.get((route, status))
@@ -79,7 +84,24 @@ class Metrics:
         child.observe(seconds)
 
     def watch_caches(self, identity: IdentityResolver, ignore_lists: IgnoreListStore) -> None:
-        self.registry.register(_CacheCollector(identity, ignore_lists))
+        collector = _CacheCollector(identity, ignore_lists)
+        if os.environ.get(MULTIPROCESS_ENV):
+            self._mirror = _CacheMirror(collector, self.registry)
+        else:
+            self.registry.register(collector)
+
+    def start_mirroring(self, every: float = 5.0) -> None:
+        """Workers: copy the caches' counters into the shared store now and then."""
+        mirror = self._mirror
+        if mirror is None:
+            return
+        loop = asyncio.get_running_loop()
+
+        def tick() -> None:
+            mirror.copy()
+            loop.call_later(every, tick)
+
+        tick()
 
 
 class _CacheCollector(Collector):
@@ -123,6 +145,40 @@ class _CacheCollector(Collector):
             "ignore_proxy_identities_cached", "Tokens whose user is in memory",
             value=len(self.identity),
         )  # fmt: skip
+
+
+class _CacheMirror:
+    """prometheus_client's multiprocess mode (several workers) reads only its own metrics,
+    never a collector of another process: the cache counters are copied into such
+    metrics instead, a few seconds behind."""
+
+    def __init__(self, source: _CacheCollector, registry: CollectorRegistry) -> None:
+        self.source = source
+        self.registry = registry
+        self.metrics: dict[str, Counter | Gauge] = {}
+        self.copied: dict[tuple[str, tuple[str, ...]], float] = {}
+
+    def copy(self) -> None:
+        for family in self.source.collect():
+            for sample in family.samples:
+                names = tuple(sample.labels)
+                metric = self.metrics.get(family.name)
+                if metric is None:
+                    metric = self.metrics[family.name] = (
+                        Counter(family.name, family.documentation, names, registry=self.registry)
+                        if family.type == "counter"
+                        else Gauge(family.name, family.documentation, names,
+                                   registry=self.registry, multiprocess_mode="livesum")
+                    )  # fmt: skip
+                child = metric.labels(*sample.labels.values()) if names else metric
+                if isinstance(child, Gauge):
+                    child.set(sample.value)
+                    continue
+                key = (family.name, tuple(sample.labels.values()))
+                delta = sample.value - self.copied.get(key, 0.0)
+                self.copied[key] = sample.value
+                if delta > 0:
+                    child.inc(delta)
 
 
 class MetricsEndpoint:

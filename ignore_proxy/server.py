@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import importlib.util
 import signal
+import socket
 from collections.abc import Callable, Iterator
 
 import uvicorn
@@ -43,11 +44,11 @@ def uvicorn_config(settings: Settings, app: IgnoreProxyApp | None = None) -> uvi
     )
 
 
-def metrics_config(settings: Settings, app: IgnoreProxyApp) -> uvicorn.Config:
+def metrics_config(settings: Settings, endpoint: MetricsEndpoint) -> uvicorn.Config:
     """The metrics listener: `/metrics` of the app's registry, nothing else."""
     host, port = parse_host_port(settings.metrics.listen)
     return uvicorn.Config(
-        MetricsEndpoint(app.metrics.registry),
+        endpoint,
         host=host,
         port=port,
         http="h11",
@@ -66,17 +67,22 @@ class Listener(uvicorn.Server):
         yield
 
 
-def listeners(settings: Settings) -> list[Listener]:
+def listeners(settings: Settings, *, with_metrics: bool = True) -> list[Listener]:
     app = create_app(settings)
     servers = [Listener(uvicorn_config(settings, app))]
-    if settings.metrics.listen:
-        servers.append(Listener(metrics_config(settings, app)))
+    if settings.metrics.listen and with_metrics:
+        servers.append(Listener(metrics_config(settings, MetricsEndpoint(app.metrics.registry))))
     return servers
 
 
-async def serve_all(servers: list[Listener]) -> None:
+async def serve_all(
+    servers: list[Listener],
+    sockets: list[socket.socket] | None = None,
+    on_start: Callable[[IgnoreProxyApp], None] | None = None,
+) -> None:
     """Run the listeners side by side; SIGTERM or SIGINT (or one of them stopping) stops
-    all of them gracefully, a second signal at once."""
+    all of them gracefully, a second signal at once. `sockets`, when given, are the
+    proxy's (a worker's own SO_REUSEPORT socket)."""
 
     def stop() -> None:
         for server in servers:
@@ -84,9 +90,9 @@ async def serve_all(servers: list[Listener]) -> None:
                 server.force_exit = True
             server.should_exit = True
 
-    async def run(server: Listener) -> None:
+    async def run(server: Listener, own_sockets: list[socket.socket] | None) -> None:
         try:
-            await server.serve()
+            await server.serve(sockets=own_sockets)
         finally:
             for other in servers:
                 other.should_exit = True
@@ -94,8 +100,14 @@ async def serve_all(servers: list[Listener]) -> None:
     loop = asyncio.get_running_loop()
     for sig in _STOP_SIGNALS:
         loop.add_signal_handler(sig, stop)
+    if on_start is not None:
+        app = servers[0].config.app
+        assert isinstance(app, IgnoreProxyApp)
+        on_start(app)
     try:
-        await asyncio.gather(*(run(server) for server in servers))
+        await asyncio.gather(
+            *(run(server, sockets if index == 0 else None) for index, server in enumerate(servers))
+        )
     finally:
         for sig in _STOP_SIGNALS:
             loop.remove_signal_handler(sig)
@@ -110,8 +122,14 @@ def _loop_factory() -> Callable[[], asyncio.AbstractEventLoop] | None:
     return factory
 
 
-def serve(settings: Settings) -> None:
+def serve(
+    settings: Settings,
+    sockets: list[socket.socket] | None = None,
+    on_start: Callable[[IgnoreProxyApp], None] | None = None,
+) -> None:
+    """Serve until stopped: one process (`sockets` None), or one worker of several, whose
+    metrics the parent serves (`workers.py`)."""
     logs.configure(settings)
-    servers = listeners(settings)
+    servers = listeners(settings, with_metrics=sockets is None)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
-        runner.run(serve_all(servers))
+        runner.run(serve_all(servers, sockets, on_start))

@@ -1,0 +1,216 @@
+"""Several processes serving one address (`workers` > 1), as nginx's worker processes do.
+
+One Python process tops out at one core (benchmarks/: ~10,000 tiny requests/s, ~250
+filtered 1 MB syncs/s). With `workers = N` the parent forks N workers; each binds the
+listen address with SO_REUSEPORT (the kernel spreads connections over them) and runs the
+whole proxy with its own caches and upstream pool.
+
+What keeps the workers' caches honest: a user's ignore list that changes in one worker (a
+PUT through it, or new account data in its /sync) is forgotten by the others, which read
+it again on that user's next request. The message (the user ID only, never a token) goes
+over a datagram socketpair per worker, made before forking, and is sent before the
+answer that carries the change leaves: a client cannot ask again before its sibling
+worker has it. Token -> user mappings need no such care: a token revoked through one
+worker is refused by the homeserver on the next request through another, which forgets
+it on that 401.
+
+The parent forwards SIGTERM/SIGINT to the workers, serves the metrics of all of them
+(prometheus_client's multiprocess mode, when `metrics.listen` is set) and exits when they
+have; a worker that dies on its own stops the others and the parent exits 1, for the
+service manager (Docker, systemd) to restart the whole.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import shutil
+import signal
+import socket
+import sys
+import tempfile
+import traceback
+from collections.abc import Callable
+from typing import TYPE_CHECKING
+
+from .config import Settings
+
+if TYPE_CHECKING:
+    from .app import IgnoreProxyApp
+
+log = logging.getLogger(__name__)
+
+_MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # metrics.MULTIPROCESS_ENV, without importing it
+_BACKLOG = 4096
+
+
+class Siblings:
+    """The worker's end of the change messages (its inbox, the others' outboxes), and its
+    watch on the parent."""
+
+    def __init__(self, inbox: socket.socket, outboxes: list[socket.socket], parent: int) -> None:
+        self.inbox = inbox
+        self.outboxes = outboxes
+        self.parent = parent
+        for sock in (inbox, *outboxes):
+            sock.setblocking(False)
+
+    def attach(self, app: IgnoreProxyApp) -> None:
+        """Forget what the others changed; tell them what changes here."""
+        loop = asyncio.get_running_loop()
+        loop.add_reader(self.inbox.fileno(), self._receive, app.ignore_lists.forget)
+        app.ignore_lists.on_change = self.changed
+        app.metrics.start_mirroring()
+        loop.call_later(1.0, self._watch_parent)
+
+    def changed(self, user_id: str) -> None:
+        message = user_id.encode("utf-8", "surrogatepass")
+        for outbox in self.outboxes:
+            try:
+                outbox.send(message)
+            except OSError as exc:
+                # A full or gone sibling: it keeps its list until the list's TTL.
+                log.warning("could not tell a sibling worker of a list change: %s", exc)
+
+    def _receive(self, forget: Callable[[str], None]) -> None:
+        while True:
+            try:
+                message = self.inbox.recv(4096)
+            except (BlockingIOError, InterruptedError):
+                return
+            forget(message.decode("utf-8", "surrogatepass"))
+
+    def _watch_parent(self) -> None:
+        if os.getppid() != self.parent:  # the parent was killed: do not serve on alone
+            os.kill(os.getpid(), signal.SIGTERM)
+            return
+        asyncio.get_running_loop().call_later(1.0, self._watch_parent)
+
+
+def _listen_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+    sock.bind((host, port))
+    return sock
+
+
+def _worker(
+    settings: Settings, index: int, channels: list[tuple[socket.socket, socket.socket]]
+) -> int:
+    from .server import serve
+
+    host, port = settings.listen_address
+    sock = _listen_socket(host, port)
+    sock.listen(_BACKLOG)
+    inbox = channels[index][1]
+    outboxes = [pair[0] for other, pair in enumerate(channels) if other != index]
+    serve(settings, [sock], Siblings(inbox, outboxes, os.getppid()).attach)
+    return 0
+
+
+def _run_worker(
+    settings: Settings, index: int, channels: list[tuple[socket.socket, socket.socket]]
+) -> None:
+    """In the forked child; never returns (the parent's cleanup is not the child's)."""
+    os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which stops the workers
+    code = 1
+    try:
+        code = _worker(settings, index, channels)
+    except BaseException:
+        traceback.print_exc()
+    finally:
+        from . import logs
+
+        logs.flush()
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+
+
+def serve_workers(settings: Settings) -> int:
+    host, port = settings.listen_address
+    try:
+        # Fail as one process would, with one clear line, when the address is taken.
+        _listen_socket(host, port).close()
+    except OSError as exc:
+        print(f"ignore-proxy: cannot listen on {settings.listen}: {exc}", file=sys.stderr)
+        return 1
+    metrics_dir = None
+    if settings.metrics.listen:
+        # Before prometheus_client is imported: it picks its value store then.
+        metrics_dir = tempfile.mkdtemp(prefix="ignore-proxy-metrics-")
+        os.environ[_MULTIPROC_ENV] = metrics_dir
+    try:
+        channels = [
+            socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(settings.workers)
+        ]
+        pids = []
+        for index in range(settings.workers):
+            pid = os.fork()
+            if pid == 0:
+                _run_worker(settings, index, channels)
+            pids.append(pid)
+        return asyncio.run(_supervise(settings, pids))
+    finally:
+        if metrics_dir is not None:
+            shutil.rmtree(metrics_dir, ignore_errors=True)
+
+
+async def _supervise(settings: Settings, pids: list[int]) -> int:
+    loop = asyncio.get_running_loop()
+    alive = set(pids)
+    done = asyncio.Event()
+    stopping = False
+    exit_code = 0
+
+    def stop() -> None:
+        nonlocal stopping
+        sig = signal.SIGKILL if stopping else signal.SIGTERM  # a second signal: now
+        stopping = True
+        for pid in alive:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+
+    def reap() -> None:
+        nonlocal exit_code
+        for pid in list(alive):
+            try:
+                ended, status = os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                ended, status = pid, 0
+            if ended == 0:
+                continue
+            alive.discard(pid)
+            if not stopping:
+                code = os.waitstatus_to_exitcode(status)
+                print(f"ignore-proxy: worker {pid} ended ({code}); stopping", file=sys.stderr)
+                exit_code = 1
+                stop()
+        if not alive:
+            done.set()
+
+    loop.add_signal_handler(signal.SIGCHLD, reap)
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop)
+    reap()  # a worker may have ended before the handler was in place
+    metrics = asyncio.create_task(_serve_metrics(settings)) if settings.metrics.listen else None
+    await done.wait()
+    if metrics is not None:
+        metrics.cancel()
+        await asyncio.gather(metrics, return_exceptions=True)
+    return exit_code
+
+
+async def _serve_metrics(settings: Settings) -> None:
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from .metrics import MetricsEndpoint
+    from .server import Listener, metrics_config
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
+    await Listener(metrics_config(settings, MetricsEndpoint(registry))).serve()

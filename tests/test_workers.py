@@ -1,0 +1,109 @@
+"""`workers` > 1: several processes on one address, through the real command line.
+
+Connections are spread over the workers by the kernel (SO_REUSEPORT), so each request
+below goes on a new connection: with two workers, twenty of them reach both.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from pathlib import Path
+
+import httpx
+
+from .fake_homeserver import ALICE, BOB, CHARLIE
+from .servers import serve_upstream
+from .test_observability import (
+    IGNORE_LIST,
+    SYNC,
+    TOKEN,
+    HomeserverOnSocket,
+    homeserver,
+    proxy_cli,
+    scrape,
+)
+
+AUTH = {"Authorization": f"Bearer {TOKEN}"}
+BOBS_MESSAGE = '"$b1"'  # a message of bob's in the homeserver's sync
+FRESH_CONNECTIONS = 20
+
+
+def children(pid: int) -> list[int]:
+    found: list[int] = []
+    for task in Path(f"/proc/{pid}/task").iterdir():
+        found.extend(int(child) for child in (task / "children").read_text().split())
+    return found
+
+
+def sync_on_a_new_connection(url: str) -> str:
+    with httpx.Client() as client:  # a client per request: a new connection each time
+        response = client.get(url + SYNC, headers=AUTH)
+        assert response.status_code == 200
+        return response.text
+
+
+def test_two_workers_serve_and_stop_together(tmp_path: Path) -> None:
+    with (
+        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
+        proxy_cli(upstream, tmp_path / "proxy.log", workers="2", logging_level="info") as proxy,
+    ):
+        workers = children(proxy.process.pid)
+        assert len(workers) == 2
+        bodies = [sync_on_a_new_connection(proxy.url) for _ in range(FRESH_CONNECTIONS)]
+        assert all(BOBS_MESSAGE not in body for body in bodies)
+        served = scrape(proxy)
+        key = ("ignore_proxy_requests_total", (("route", "sync"), ("status", "200")))
+        assert served[key] == FRESH_CONNECTIONS  # the parent sums the workers' metrics
+        time.sleep(5.5)  # the cache series are copied into the shared store every 5 s
+        lists = scrape(proxy)[("ignore_proxy_ignore_lists_cached", ())]
+        assert lists == 2  # alice's list, once in each worker
+        assert proxy.stop() == 0
+        for pid in workers:
+            assert not Path(f"/proc/{pid}").exists() or _zombie(pid)
+
+
+def _zombie(pid: int) -> bool:
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "Z"
+
+
+def test_a_list_changed_through_one_worker_holds_in_all_at_once(tmp_path: Path) -> None:
+    hs = homeserver()
+    hs.ignore(ALICE)  # nobody ignored yet: bob's messages show
+    with (
+        serve_upstream(HomeserverOnSocket(hs)) as upstream,
+        proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
+    ):
+        # Every worker learns the list (nobody ignored) and keeps it for `list_ttl`.
+        before = [sync_on_a_new_connection(proxy.url) for _ in range(FRESH_CONNECTIONS)]
+        assert all(BOBS_MESSAGE in body for body in before)
+        assert hs.calls["account_data"] == 2  # one read per worker: both were reached
+        with httpx.Client() as client:
+            answer = client.put(
+                proxy.url + IGNORE_LIST,
+                headers=AUTH,
+                content=json.dumps({"ignored_users": {BOB: {}, CHARLIE: {}}}),
+            )
+            assert answer.status_code == 200
+        after = [sync_on_a_new_connection(proxy.url) for _ in range(FRESH_CONNECTIONS)]
+        assert all(BOBS_MESSAGE not in body for body in after)
+        # The worker that took the PUT knew the new list; the other forgot its own and
+        # read the list again.
+        assert hs.calls["account_data"] == 3
+
+
+def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(tmp_path: Path) -> None:
+    with (
+        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
+        proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
+    ):
+        first, second = children(proxy.process.pid)
+        os.kill(first, signal.SIGKILL)
+        assert proxy.process.wait(timeout=15) == 1
+        deadline = time.monotonic() + 5
+        while Path(f"/proc/{second}").exists() and not _zombie(second):
+            assert time.monotonic() < deadline, "the other worker kept serving"
+            time.sleep(0.05)
+        assert "ended" in (tmp_path / "proxy.log").read_text()
