@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import argparse
 import gc
+import os
 import shutil
 import statistics
 import subprocess
@@ -105,20 +106,27 @@ class Bench:
         nginx = start_nginx(nginx_conf(self.workdir, files, up_port, ngx_port), [up_port, ngx_port])
         self.procs.append(nginx)
         upstream = f"http://127.0.0.1:{up_port}"
-        proxy = start_proxy(upstream, px_port, "warning", self.workdir / "proxy.log")
+        workers = {"IGNORE_PROXY_WORKERS": str(args.workers)}
+        proxy = start_proxy(upstream, px_port, "warning", self.workdir / "proxy.log", workers)
         self.procs.append(proxy)
-        proxy_info = start_proxy(upstream, pxlog_port, "info", self.workdir / "proxy-info.log")
+        proxy_info = start_proxy(upstream, pxlog_port, "info", self.workdir / "proxy-info.log",
+                                 workers)  # fmt: skip
         self.procs.append(proxy_info)
+        px1_port = free_port()
+        proxy_one = start_proxy(upstream, px1_port, "warning", self.workdir / "proxy-one.log")
+        self.procs.append(proxy_one)
         bases = {
             "direct": (f"http://127.0.0.1:{up_port}", None),
             "nginx": (f"http://127.0.0.1:{ngx_port}", None),
             "proxy": (f"http://127.0.0.1:{px_port}", proxy),
             "proxy+log": (f"http://127.0.0.1:{pxlog_port}", proxy_info),
+            "proxy/1": (f"http://127.0.0.1:{px1_port}", proxy_one),
         }
         self._check(bases)
         results: dict[str, dict[str, list[WrkResult]]] = {}
         for key, _, path, _ in SCENARIOS:
-            targets = ["direct", "nginx", "proxy"] + (["proxy+log"] if key == "tiny" else [])
+            targets = ["direct", "nginx", "proxy", "proxy/1"]
+            targets += ["proxy+log"] if key == "tiny" else []
             results[key] = {t: [] for t in targets}
             for round_ in range(args.rounds):
                 order = targets[round_ % len(targets):] + targets[: round_ % len(targets)]
@@ -134,7 +142,7 @@ class Bench:
         self.say("rewrite speed (in-process, 8 MB /sync)...")
         speed = rewrite_speed.measure(files["sync_8m.json"].read_bytes(), args.repeat)
         gc.collect()
-        for proc in (proxy, proxy_info):
+        for proc in (proxy, proxy_info, proxy_one):
             proc.stop()
         polls = self._long_polls()
         return self._report(results, stall, speed, polls)
@@ -144,7 +152,7 @@ class Bench:
         ignored = bodies.IGNORED.encode()
         for _, _, path, _ in SCENARIOS:
             direct = _get(bases["direct"][0] + path)
-            for target in ("nginx", "proxy", "proxy+log"):
+            for target in ("nginx", "proxy", "proxy+log", "proxy/1"):
                 got = _get(bases[target][0] + path)
                 if path in (TINY, MEDIA) or target == "nginx":
                     assert got == direct, (target, path)
@@ -181,7 +189,8 @@ class Bench:
         self.procs.append(Proc("longpoll-upstream", upstream))
         wait_port(up_port)
         proxy = start_proxy(f"http://127.0.0.1:{up_port}", px_port, "warning",
-                            self.workdir / "proxy-longpoll.log")  # fmt: skip
+                            self.workdir / "proxy-longpoll.log",
+                            {"IGNORE_PROXY_WORKERS": str(self.args.workers)})  # fmt: skip
         self.procs.append(proxy)
         _get(f"http://127.0.0.1:{px_port}/_matrix/client/v3/sync?since=warm")  # learn the user
         before = cpu_seconds(proxy.pid)
@@ -224,6 +233,13 @@ class Bench:
                 f"| {_spread([r.cpu_us_per_req or 0 for r in res['proxy']])} "
                 f"| {'PASS' if ok else 'FAIL'}{f' ({errors} errors)' if errors else ''} |"
             )
+            one = res["proxy/1"]
+            ratios = [p.rps / n.rps for p, n in zip(one, res["nginx"], strict=True)]
+            rows.append(
+                f"| ... same, one worker | | | {_spread([r.rps for r in one])} "
+                f"| {_spread(ratios, '{:.2f}')} | "
+                f"| {_spread([r.cpu_us_per_req or 0 for r in one])} | (one worker) |"
+            )
             if "proxy+log" in res:
                 logged = res["proxy+log"]
                 ratios = [p.rps / n.rps for p, n in zip(logged, res["nginx"], strict=True)]
@@ -262,7 +278,9 @@ class Bench:
         print()
         args = self.args
         print(f"ignore-proxy benchmark: {args.rounds} round(s) x {args.duration} s, "
-              f"wrk {args.connections} connections, load average at end {_load()}")  # fmt: skip
+              f"wrk {args.connections} connections, proxy --workers {args.workers} "
+              f"(nginx: worker_processes auto, {os.cpu_count()} cores), "
+              f"load average at end {_load()}")  # fmt: skip
         print("\n".join(rows))
         print(f"\n{'all targets met' if not failed else f'{failed} target(s) not met'}")
         return 0
@@ -278,6 +296,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--duration", type=int, default=5.0, help="seconds per wrk run")
     parser.add_argument("--connections", type=int, default=32)
+    parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                        help="the proxy's workers (default: the cores, as nginx's "
+                        "worker_processes auto); one worker is measured beside it")  # fmt: skip
     parser.add_argument("--long-polls", type=int, default=2000)
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     parser.add_argument("--repeat", type=int, default=15, help="8 MB rewrite repetitions")
