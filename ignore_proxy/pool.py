@@ -32,6 +32,8 @@ from __future__ import annotations
 
 import asyncio
 import collections
+import ipaddress
+import socket
 import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
@@ -46,6 +48,15 @@ Body = AsyncIterator[bytes] | bytes | None
 # Reading from the upstream pauses while this much of an answer waits for the client.
 _HIGH_WATER = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+_DNS_TTL = 10.0
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 @dataclass(frozen=True, slots=True)
@@ -267,6 +278,7 @@ class _Connection(asyncio.Protocol):
             response._finish()
         if head is not None and not head.done():
             head.set_result(response)
+        self.resume_writing()  # a body still being sent stops: the answer is here
 
     def on_body(self, body: bytes) -> None:
         if self.response is not None and not self.head_only:
@@ -333,9 +345,11 @@ class _Connection(asyncio.Protocol):
         transport = self.transport
         assert transport is not None
         async for chunk in body:
-            if self.lost or (self.response is not None and self.response._complete):
-                self.keep_alive = False  # the request was cut short: never reuse
-                return  # answered (or gone) already: the rest is not wanted
+            if self.lost or self.response is not None:
+                # Answered (an early 413, say) or gone: the rest is not wanted, and the
+                # connection, its request cut short, is never reused.
+                self.keep_alive = False
+                return
             if chunk:
                 transport.write(b"%x\r\n%b\r\n" % (len(chunk), chunk) if chunked else chunk)
             await self.drain(write_timeout)
@@ -385,6 +399,9 @@ class UpstreamPool:
         self.port = parsed.port or (443 if parsed.scheme == "https" else 80)
         self.ssl = parsed.scheme == "https"
         self.host_header = parsed.netloc
+        self._literal = _is_ip(self.host)
+        self._resolved: list[tuple[str, int]] = []
+        self._resolved_until = 0.0
         self._slots = _Slots(max_connections)
         self._max_idle = max_keepalive_connections
         self._keepalive_expiry = keepalive_expiry
@@ -419,20 +436,45 @@ class UpstreamPool:
             if not connection.lost and now - connection.idle_since < self._keepalive_expiry:
                 return connection
             connection.abort()
-        loop = asyncio.get_running_loop()
         try:
-            _, protocol = await asyncio.wait_for(
-                loop.create_connection(
-                    lambda: _Connection(self), self.host, self.port, ssl=self.ssl or None
-                ),
-                connect_timeout,
-            )
+            async with asyncio.timeout(connect_timeout):
+                protocol = await self._connect()
         except TimeoutError:
             raise httpx.ConnectTimeout("connecting to the homeserver timed out") from None
         except OSError as exc:
             raise httpx.ConnectError(f"cannot connect to the homeserver: {exc}") from None
         self._all.add(protocol)
         return protocol
+
+    async def _connect(self) -> _Connection:
+        loop = asyncio.get_running_loop()
+        error: OSError | None = None
+        for host, port in await self._addresses():
+            try:
+                _, protocol = await loop.create_connection(
+                    lambda: _Connection(self),
+                    host,
+                    port,
+                    ssl=self.ssl or None,
+                    server_hostname=self.host if self.ssl else None,
+                )
+                return protocol
+            except OSError as exc:
+                error = exc
+        raise error or OSError(f"no address for {self.host}")
+
+    async def _addresses(self) -> list[tuple[str, int]]:
+        """The upstream's addresses, looked up at most every `_DNS_TTL` seconds: a burst
+        of new connections (every long-poll at once) must not mean a lookup each."""
+        if self._literal:
+            return [(self.host, self.port)]
+        if time.monotonic() >= self._resolved_until:
+            infos = await asyncio.get_running_loop().getaddrinfo(
+                self.host, self.port, type=socket.SOCK_STREAM
+            )
+            self._resolved = [(str(info[4][0]), int(info[4][1])) for info in infos]
+            self._resolved_until = time.monotonic() + _DNS_TTL
+        return self._resolved
 
     async def _exchange(
         self,

@@ -4,6 +4,7 @@ front of an upstream served by uvicorn, both on loopback."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import socket
 import threading
 import time
@@ -313,3 +314,45 @@ def test_expect_continue_is_answered_here_not_passed_on() -> None:
         thread.join(timeout=5)
     assert response.status_code == 200
     assert b"expect" not in seen[0].lower()
+
+
+def test_an_early_answer_stops_an_upload_the_upstream_no_longer_reads() -> None:
+    """An upstream that answers 413 after it stopped reading the body (its buffers full)
+    gets its answer relayed at once, not after the write timeout."""
+    held: list[socket.socket] = []
+
+    def serve_once(listener: socket.socket) -> None:
+        conn, _ = listener.accept()
+        held.append(conn)  # kept open and unread: the proxy's writes stall
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        time.sleep(1.0)  # long enough for the proxy to be stuck sending the body
+        body = b'{"errcode":"M_TOO_LARGE","error":"too big"}'
+        conn.sendall(b"HTTP/1.1 413 X\r\ncontent-length: %d\r\n\r\n%s" % (len(body), body))
+
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=serve_once, args=(listener,), daemon=True).start()
+        with run_proxy(f"http://127.0.0.1:{listener.getsockname()[1]}") as proxy:
+            size = 256 * 1024 * 1024
+            client = socket.create_connection(("127.0.0.1", int(proxy.url.rsplit(":", 1)[1])))
+            client.sendall(
+                b"POST /_matrix/media/v3/upload HTTP/1.1\r\nhost: proxy\r\n"
+                b"content-length: %d\r\n\r\n" % size
+            )
+
+            def upload() -> None:
+                with contextlib.suppress(OSError):
+                    client.sendall(b"u" * size)  # blocks once every buffer is full
+
+            threading.Thread(target=upload, daemon=True).start()
+            client.settimeout(10)  # the write timeout is 60 s
+            started = time.monotonic()
+            answer = client.recv(65536)
+            client.close()
+        for conn in held:
+            conn.close()
+    assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
+    assert time.monotonic() - started < 5
