@@ -402,6 +402,7 @@ class UpstreamPool:
         self._literal = _is_ip(self.host)
         self._resolved: list[tuple[str, int]] = []
         self._resolved_until = 0.0
+        self._lookup: asyncio.Future[list[tuple[str, int]]] | None = None
         self._slots = _Slots(max_connections)
         self._max_idle = max_keepalive_connections
         self._keepalive_expiry = keepalive_expiry
@@ -468,12 +469,23 @@ class UpstreamPool:
         of new connections (every long-poll at once) must not mean a lookup each."""
         if self._literal:
             return [(self.host, self.port)]
-        if time.monotonic() >= self._resolved_until:
-            infos = await asyncio.get_running_loop().getaddrinfo(
-                self.host, self.port, type=socket.SOCK_STREAM
-            )
-            self._resolved = [(str(info[4][0]), int(info[4][1])) for info in infos]
-            self._resolved_until = time.monotonic() + _DNS_TTL
+        if time.monotonic() < self._resolved_until:
+            return self._resolved
+        lookup = self._lookup
+        if lookup is None:  # one lookup for all the connections waiting on it
+            lookup = self._lookup = asyncio.ensure_future(self._resolve())
+        try:
+            return await asyncio.shield(lookup)
+        finally:
+            if lookup.done() and self._lookup is lookup:
+                self._lookup = None
+
+    async def _resolve(self) -> list[tuple[str, int]]:
+        infos = await asyncio.get_running_loop().getaddrinfo(
+            self.host, self.port, type=socket.SOCK_STREAM
+        )
+        self._resolved = [(str(info[4][0]), int(info[4][1])) for info in infos]
+        self._resolved_until = time.monotonic() + _DNS_TTL
         return self._resolved
 
     async def _exchange(
