@@ -28,6 +28,7 @@ from .servers import (
     SYNC_1M,
     SYNC_8M,
     TINY,
+    PeakPss,
     Proc,
     WrkResult,
     cpu_seconds,
@@ -195,13 +196,15 @@ class Bench:
         _get(f"http://127.0.0.1:{px_port}/_matrix/client/v3/sync?since=warm")  # learn the user
         before = cpu_seconds(proxy.pid)
         started = time.monotonic()
-        times, failures = longpoll.run_client(px_port, count)
+        with PeakPss(proxy.pid) as pss:
+            times, failures = longpoll.run_client(px_port, count)
         elapsed = time.monotonic() - started
         stats = {
             "count": count, "answered": len(times), "failures": len(failures),
             "max_s": max(times) if times else float("nan"),
             "median_s": statistics.median(times) if times else float("nan"),
             "elapsed_s": elapsed, "peak_rss_mib": peak_rss_mib(proxy.pid),
+            "peak_pss_mib": pss.peak,
             "cpu_s": cpu_seconds(proxy.pid) - before,
         }  # fmt: skip
         if failures:
@@ -248,14 +251,17 @@ class Bench:
                     f"| {_spread([r.rps for r in logged])} | {_spread(ratios, '{:.2f}')} | "
                     f"| {_spread([r.cpu_us_per_req or 0 for r in logged])} | (info) |"
                 )
+        # Memory: the peak of the workers' summed PSS (shared pages counted once); the
+        # sum of their VmHWM double-counts what they share, and is shown beside it.
         ok = (polls["answered"] == polls["count"] and polls["max_s"] <= 21.0
-              and polls["peak_rss_mib"] <= 120)  # fmt: skip
+              and polls["peak_pss_mib"] <= 120)  # fmt: skip
         failed += not ok
         rows.append(
             f"| {polls['count']:.0f} concurrent `/sync?timeout=20000` long-polls "
             f"| | | {polls['answered']:.0f} answered, slowest {polls['max_s']:.2f} s after "
             f"being sent (last of all at {polls['elapsed_s']:.2f} s), "
-            f"peak RSS {polls['peak_rss_mib']:.0f} MiB | | all, <= 21 s, <= 120 MiB "
+            f"peak memory {polls['peak_pss_mib']:.0f} MiB (PSS; VmHWM summed over the "
+            f"processes {polls['peak_rss_mib']:.0f} MiB) | | all, <= 21 s, <= 120 MiB "
             f"| {polls['cpu_s'] / max(polls['count'], 1) * 1e6:,.0f} "
             f"| {'PASS' if ok else 'FAIL'} |"
         )

@@ -10,6 +10,7 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -186,6 +187,41 @@ def peak_rss_mib(pid: int) -> float:
     """Peak RSS (VmHWM) of a process, summed over its children: an upper bound for
     several workers, whose shared pages count once per process."""
     return sum(_status_kib(member, "VmHWM:") for member in _tree(pid)) / 1024
+
+
+def pss_mib(pid: int) -> float:
+    """Proportional set size of a process and its children: memory shared between the
+    workers (forked from one parent) counted once, split between them."""
+    total = 0
+    for member in _tree(pid):
+        with contextlib.suppress(FileNotFoundError):
+            for line in Path(f"/proc/{member}/smaps_rollup").read_text().splitlines():
+                if line.startswith("Pss:"):
+                    total += int(line.split()[1])
+    return total / 1024
+
+
+class PeakPss:
+    """Samples `pss_mib` of a process tree every `every` seconds, keeping the largest."""
+
+    def __init__(self, pid: int, every: float = 0.2) -> None:
+        self.pid, self.every, self.peak = pid, every, 0.0
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self.peak = max(self.peak, pss_mib(self.pid))
+            self._stop.wait(self.every)
+
+    def __enter__(self) -> PeakPss:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+        self.peak = max(self.peak, pss_mib(self.pid))
 
 
 def rss_mib(pid: int) -> float:
