@@ -198,6 +198,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.idle_since = 0.0
+        self._socket_kind: tuple[int, int, int] | None = None
         # The exchange in progress.
         self.head: asyncio.Future[Response] | None = None
         self.response: Response | None = None
@@ -215,6 +216,23 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        sock = transport.get_extra_info("socket")
+        self._socket_kind = (sock.family, sock.type, sock.fileno()) if sock is not None else None
+
+    def dropped(self) -> bool:
+        """Whether the homeserver closed this idle connection while the event loop, busy,
+        has not heard yet: sending on it would fail. A peek at the socket tells."""
+        if self._socket_kind is None:
+            return False
+        probe = socket.socket(*self._socket_kind[:2], 0, self._socket_kind[2])
+        try:
+            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+        except (BlockingIOError, InterruptedError):
+            return False  # nothing to read: alive
+        except OSError:
+            return True
+        finally:
+            probe.detach()  # the transport owns the descriptor
 
     def data_received(self, data: bytes) -> None:
         if self.head is None:
@@ -434,7 +452,11 @@ class UpstreamPool:
         now = time.monotonic()
         while idle:
             connection = idle.pop()
-            if not connection.lost and now - connection.idle_since < self._keepalive_expiry:
+            if (
+                not connection.lost
+                and now - connection.idle_since < self._keepalive_expiry
+                and not connection.dropped()
+            ):
                 return connection
             connection.abort()
         try:

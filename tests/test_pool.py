@@ -3,6 +3,9 @@
 from __future__ import annotations
 
 import asyncio
+import socket
+import threading
+import time
 from typing import Any
 
 import pytest
@@ -40,4 +43,40 @@ async def test_a_hostname_is_looked_up_once_for_a_burst_of_new_connections(
             assert b'"ok":true' in await response.read()
             await response.aclose()
         assert len(lookups) == 1
+        await pool.aclose()
+
+
+def _serve_then_close(listener: socket.socket) -> None:
+    """Answers each connection's first request, keeps it alive a moment, then closes it."""
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        with conn:
+            data = b""
+            while b"\r\n\r\n" not in data:
+                data += conn.recv(65536)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+            time.sleep(0.05)
+
+
+async def test_an_idle_connection_the_homeserver_closed_is_not_reused() -> None:
+    """Closed while the event loop was busy (it has not seen the close yet): a request
+    sent on it would fail, so the pool checks before reusing it."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_then_close, args=(listener,), daemon=True).start()
+        port = listener.getsockname()[1]
+        pool = UpstreamPool(
+            f"http://127.0.0.1:{port}", max_connections=None, max_keepalive_connections=None
+        )
+        first = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+        assert await first.read() == b"ok"
+        await first.aclose()  # back to the pool, idle
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop cannot see the close)
+        second = await pool.send("GET", b"/b", [], None, TIMEOUTS)
+        assert await second.read() == b"ok"
+        await second.aclose()
         await pool.aclose()
