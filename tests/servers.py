@@ -202,13 +202,16 @@ class Upstream:
 
 
 @contextlib.contextmanager
-def serve_upstream(app: Any, port: int | None = None) -> Iterator[str]:
+def serve_upstream(app: Any, port: int | None = None, **tls: str) -> Iterator[str]:
+    """`tls`: uvicorn's `ssl_certfile` and `ssl_keyfile`, for an https upstream."""
     port = port or free_port()
     config = uvicorn.Config(
-        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on", timeout_keep_alive=30
-    )
+        app, host="127.0.0.1", port=port, log_level="warning", lifespan="on",
+        timeout_keep_alive=30, **tls,  # type: ignore[arg-type]
+    )  # fmt: skip
     with ThreadedServer(config).run_in_thread():
-        yield f"http://127.0.0.1:{port}"
+        # https by name: the test certificate names `localhost`.
+        yield f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
 
 
 @dataclass

@@ -12,6 +12,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+import trustme
 
 from .servers import ProxyProcess, Upstream, free_port, run_proxy, serve_upstream
 
@@ -356,3 +357,32 @@ def test_an_early_answer_stops_an_upload_the_upstream_no_longer_reads() -> None:
             conn.close()
     assert answer.startswith(b"HTTP/1.1 413"), answer[:100]
     assert time.monotonic() - started < 5
+
+
+@pytest.fixture(scope="module")
+def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
+    authority = trustme.CA()
+    certificate = authority.issue_cert("localhost")
+    folder = tmp_path_factory.mktemp("tls")
+    files = {"ca": folder / "ca.pem", "cert": folder / "cert.pem"}
+    authority.cert_pem.write_to_path(str(files["ca"]))
+    certificate.private_key_and_cert_chain_pem.write_to_path(str(files["cert"]))
+    return {name: str(path) for name, path in files.items()}
+
+
+def test_an_https_upstream_is_verified_and_used(tls_files: dict[str, str]) -> None:
+    app = Upstream()
+    tls = {"ssl_certfile": tls_files["cert"]}
+    with serve_upstream(app, **tls) as url:
+        # Trusted the usual way for OpenSSL (as for a private CA): the proxy forwards.
+        with run_proxy(url, {"SSL_CERT_FILE": tls_files["ca"]}) as proxy:
+            response = httpx.post(proxy.url + "/_matrix/client/v3/keys/query", content=b"{}")
+            assert response.json() == {"ok": True, "body_size": 2}
+        assert app.last().raw_path == b"/_matrix/client/v3/keys/query"
+        # Not trusted: the certificate is refused, nothing is forwarded.
+        seen = len(app.seen)
+        with run_proxy(url) as proxy:
+            response = httpx.get(proxy.url + "/_matrix/client/v3/pushrules/")
+            assert response.status_code == 502
+            assert response.json()["errcode"] == "M_UNKNOWN"
+        assert len(app.seen) == seen
