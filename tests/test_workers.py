@@ -107,3 +107,18 @@ def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(tmp_path: Pa
             assert time.monotonic() < deadline, "the other worker kept serving"
             time.sleep(0.05)
         assert "ended" in (tmp_path / "proxy.log").read_text()
+
+
+def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
+    with (
+        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
+        proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
+    ):
+        workers = children(proxy.process.pid)
+        proxy.process.kill()  # SIGKILL: no chance to stop them
+        proxy.process.wait()
+        deadline = time.monotonic() + 5
+        for pid in workers:
+            while Path(f"/proc/{pid}").exists() and not _zombie(pid):
+                assert time.monotonic() < deadline, "a worker kept serving without its parent"
+                time.sleep(0.05)
