@@ -160,6 +160,10 @@ class IgnoreListStore:
             if user_id not in self._entries:  # neither a last known list nor a set() since
                 raise IgnoreListUnavailable(exc.status) from None
 
+    def known(self, user_id: str) -> bool:
+        """Whether a list is in memory (not forgotten, say by a sibling worker's change)."""
+        return user_id in self._entries
+
     def current(self, user_id: str) -> frozenset[str]:
         entry = self._entries.get(user_id)
         return entry.ignored if entry is not None else frozenset()

@@ -299,13 +299,25 @@ class Proxy:
         if user_id is None:
             raise ListUnavailable
         if load_list:
-            try:
-                await self.ignore_lists.ensure_fresh(user_id, creds)
-            except IgnoreListUnavailable as exc:
-                if exc.status == 401:
-                    self.identity.forget_token(creds.access_token)
-                raise ListUnavailable from None
+            await self._load_list(user_id, creds)
         return user_id
+
+    async def _load_list(self, user_id: str, creds: Credentials) -> None:
+        try:
+            await self.ignore_lists.ensure_fresh(user_id, creds)
+        except IgnoreListUnavailable as exc:
+            if exc.status == 401:
+                self.identity.forget_token(creds.access_token)
+            raise ListUnavailable from None
+
+    async def _list_now(self, call: _Call, user_id: str) -> frozenset[str]:
+        """The user's list as it is now, when the answer leaves, not when the request
+        arrived. With several workers a list changed through another one is forgotten
+        here meanwhile (workers.py): it is read again, never taken for empty."""
+        if not self.ignore_lists.known(user_id):
+            assert call.creds is not None
+            await self._load_list(user_id, call.creds)
+        return self.ignore_lists.current(user_id)
 
     async def _respond(self, call: _Call, response: UpstreamResponse) -> None:
         send, route, status = call.exchange.send, call.found.route, response.status_code
@@ -357,12 +369,13 @@ class Proxy:
         send, route = call.exchange.send, call.found.route
         try:
             user_id = await user
+            if call.path_event is not None and await self._path_event_hidden(call, user_id):
+                return
+            ignored = await self._list_now(call, user_id)
         except ListUnavailable:
             await self._send_list_unavailable(send, response)
             return
-        if call.path_event is not None and await self._path_event_hidden(call, user_id):
-            return
-        if route.account_data is None and not self.ignore_lists.current(user_id):
+        if route.account_data is None and not ignored:
             await relay(send, response)  # nobody ignored: stream it, never parse it
             return
         body = await self._read(call, response)
@@ -373,8 +386,11 @@ class Proxy:
                 seen = route.account_data(body)
                 if seen is not None:
                     self.ignore_lists.set(user_id, seen)
-        # The list as it is now, when the answer leaves, not when the request arrived.
-        ignored = self.ignore_lists.current(user_id)
+        try:
+            ignored = await self._list_now(call, user_id)
+        except ListUnavailable:
+            await self._send_list_unavailable(send, response, body)
+            return
         if route.nearest_unignored and ignored:
             await self._send_nearest_unignored(call, response, body, ignored)
         elif not ignored or not rewrite.mentions_any(body, ignored):
@@ -383,10 +399,16 @@ class Proxy:
             context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
             await self._send_rewritten(call, response, body, context)
 
-    async def _send_list_unavailable(self, send: Send, response: UpstreamResponse) -> None:
+    async def _send_list_unavailable(
+        self, send: Send, response: UpstreamResponse, body: bytes | None = None
+    ) -> None:
+        """`body`: the answer's, when it was read already."""
         self.metrics.list_unavailable.inc()
         if self.settings.ignore.on_unavailable == "pass":
-            await relay(send, response)
+            if body is None:
+                await relay(send, response)
+            else:
+                await send_rewritten(send, response, body)
         else:
             await send_error(send, 503, "M_UNKNOWN", "The ignore list could not be loaded",
                              headers=[(b"retry-after", b"5")])  # fmt: skip
@@ -402,7 +424,7 @@ class Proxy:
             return True
         if head.sender is None or head.is_state:
             return False
-        if head.sender not in self.ignore_lists.current(user_id):
+        if head.sender not in await self._list_now(call, user_id):
             return False
         await self._send_sender_ignored(call, head.sender)
         return True

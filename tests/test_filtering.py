@@ -9,6 +9,9 @@ from typing import Any
 import httpx
 import pytest
 
+from ignore_proxy.app import create_app
+from ignore_proxy.config import load_settings
+
 from .fake_homeserver import (
     ALICE,
     BOB,
@@ -113,6 +116,32 @@ async def test_path_variants_are_filtered_too(homeserver: FakeHomeserver, path: 
     assert response.status_code == 200
     assert "$b1" not in response.text
     assert "$c1" in response.text
+
+
+async def test_a_list_forgotten_while_the_homeserver_answers_is_read_again(
+    homeserver: FakeHomeserver,
+) -> None:
+    """With several workers, a list changed through another one is forgotten here while a
+    long-poll waits: the answer must get the new list, never none at all."""
+    homeserver.account_data.clear()  # nobody ignored yet
+    gate = asyncio.Event()
+
+    async def held_sync(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sync"):
+            await gate.wait()
+        return homeserver(request)
+
+    settings = load_settings(environ={"IGNORE_PROXY_UPSTREAM": "http://hs.test"})
+    app = create_app(settings, transport=httpx.MockTransport(held_sync))
+    async with client_for(app, "alice-token") as alice:
+        poll = asyncio.create_task(alice.get(SYNC))
+        while not app.ignore_lists.known(ALICE):  # noqa: ASYNC110 (the store signals nothing)
+            await asyncio.sleep(0.01)
+        homeserver.ignore(ALICE, BOB)  # written through the other worker...
+        app.ignore_lists.forget(ALICE)  # ...which told this one
+        gate.set()
+        response = await poll
+    assert timeline(response) == ["$a1", "$b2", "$c1"]
 
 
 async def test_token_in_query_string_is_the_same_user(homeserver: FakeHomeserver) -> None:
