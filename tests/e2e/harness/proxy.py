@@ -35,6 +35,10 @@ def start_proxy(
         upstream,
         "--listen",
         f"127.0.0.1:{port}",
+        # Several workers by default: a client's requests then reach different processes
+        # (each on a new connection), which must agree on every user's ignore list.
+        "--workers",
+        os.environ.get("E2E_PROXY_WORKERS", "2"),
     ]
     proc = ManagedProcess("ignore-proxy", argv, workdir / "proxy.log", env=env)
     url = f"http://127.0.0.1:{port}"
