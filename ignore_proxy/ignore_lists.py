@@ -98,10 +98,11 @@ class _Entry:
 class _Load:
     """One upstream read shared by every concurrent caller for the same user."""
 
-    __slots__ = ("stale", "task")
+    __slots__ = ("creds", "stale", "task")
     task: asyncio.Task[None]
 
-    def __init__(self) -> None:
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds  # whose token reads it: the first caller's
         self.stale = False  # set() or forget() happened since it started: do not store
 
 
@@ -149,7 +150,7 @@ class IgnoreListStore:
         self.misses += 1
         load = self._loads.get(user_id)
         if load is None:
-            load = _Load()
+            load = _Load(creds)
             load.task = asyncio.get_running_loop().create_task(self._load(user_id, creds, load))
             load.task.add_done_callback(_retrieve)
             self._loads[user_id] = load
@@ -157,7 +158,10 @@ class IgnoreListStore:
             # shield: a cancelled caller must not cancel the read the others wait for
             await asyncio.shield(load.task)
         except _LoadFailed as exc:
-            if user_id not in self._entries:  # neither a last known list nor a set() since
+            if exc.status in (401, 403) and load.creds != creds:
+                # Another caller's token was refused (revoked meanwhile): not ours.
+                await self.ensure_fresh(user_id, creds)
+            elif user_id not in self._entries:  # neither a last known list nor a set() since
                 raise IgnoreListUnavailable(exc.status) from None
 
     def known(self, user_id: str) -> bool:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import Awaitable
 
 import httpx
 import pytest
@@ -273,6 +274,31 @@ async def test_rejected_token_is_unavailable_and_not_cached(
     assert info.value.status == status
     assert "dead" not in str(info.value)
     await store.ensure_fresh(ALICE, Credentials("alive"))
+    assert store.current(ALICE) == {EVE}
+    assert route.call_count == 2
+
+
+async def test_a_caller_joining_a_read_with_a_revoked_token_reads_with_its_own(
+    upstream: respx.MockRouter, store: IgnoreListStore
+) -> None:
+    """Two devices of one user: the first one's token was revoked elsewhere; the second,
+    which joined its read, is not refused for it."""
+    gate, refused = gated(httpx.Response(401, json={"errcode": "M_UNKNOWN_TOKEN"}))
+
+    def answer(request: httpx.Request) -> httpx.Response | Awaitable[httpx.Response]:
+        if request.headers["authorization"] == "Bearer revoked":
+            return refused(request)
+        return httpx.Response(200, json=content(EVE))
+
+    route = upstream.get(ALICE_PATH).mock(side_effect=answer)
+    first = asyncio.ensure_future(store.ensure_fresh(ALICE, Credentials("revoked")))
+    await asyncio.sleep(0)
+    second = asyncio.ensure_future(store.ensure_fresh(ALICE, Credentials("phone")))
+    await asyncio.sleep(0)
+    gate.set()
+    with pytest.raises(IgnoreListUnavailable):
+        await first
+    await second
     assert store.current(ALICE) == {EVE}
     assert route.call_count == 2
 
