@@ -44,6 +44,7 @@ log = logging.getLogger(__name__)
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # metrics.MULTIPROCESS_ENV, without importing it
 _BACKLOG = 4096
+_SEND_TIMEOUT = 1.0
 
 
 class Siblings:
@@ -54,8 +55,11 @@ class Siblings:
         self.inbox = inbox
         self.outboxes = outboxes
         self.parent = parent
-        for sock in (inbox, *outboxes):
-            sock.setblocking(False)
+        inbox.setblocking(False)
+        for outbox in outboxes:
+            # A sibling whose queue is full (a burst of changes, a busy loop) makes the
+            # sender wait for it, briefly, rather than leave it with an outdated list.
+            outbox.settimeout(_SEND_TIMEOUT)
 
     def attach(self, app: IgnoreProxyApp) -> None:
         """Forget what the others changed; tell them what changes here."""
@@ -71,7 +75,7 @@ class Siblings:
             try:
                 outbox.send(message)
             except OSError as exc:
-                # A full or gone sibling: it keeps its list until the list's TTL.
+                # Gone, or stuck for a second: it keeps its list until the list's TTL.
                 log.warning("could not tell a sibling worker of a list change: %s", exc)
 
     def _receive(self, forget: Callable[[str], None]) -> None:

@@ -9,10 +9,14 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import threading
 import time
 from pathlib import Path
 
 import httpx
+
+from ignore_proxy.workers import Siblings
 
 from .fake_homeserver import ALICE, BOB, CHARLIE
 from .servers import serve_upstream
@@ -122,3 +126,27 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
             while Path(f"/proc/{pid}").exists() and not _zombie(pid):
                 assert time.monotonic() < deadline, "a worker kept serving without its parent"
                 time.sleep(0.05)
+
+
+def test_a_burst_of_changes_reaches_a_busy_sibling_whole() -> None:
+    """The kernel holds a few hundred datagrams for a sibling that is not reading (its
+    loop busy for a moment): a longer burst of list changes waits for it instead of
+    losing some."""
+    outbox, inbox = socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM)
+    own_inbox = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+    count = 2000
+    received: list[bytes] = []
+
+    def busy_sibling() -> None:
+        time.sleep(0.3)
+        while len(received) < count:
+            received.append(inbox.recv(4096))
+
+    with outbox, inbox, own_inbox:
+        reader = threading.Thread(target=busy_sibling, daemon=True)
+        reader.start()
+        siblings = Siblings(own_inbox, [outbox], os.getpid())
+        for i in range(count):
+            siblings.changed(f"@user{i}:hs")
+        reader.join(timeout=10)
+    assert received == [f"@user{i}:hs".encode() for i in range(count)]
