@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, cast
+from typing import Any, TypeVar, cast
 
 import msgspec
 
@@ -93,7 +94,7 @@ def _rooms(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     return encode_object(rooms) if _rooms_in(rooms, run, joined=joined) else None
 
 
-def _rooms_in(rooms: dict[str, Raw], run: Run, *, joined: bool) -> bool:
+def _rooms_in(rooms: dict[str, Raw], run: Run, joined: bool) -> bool:
     changed = False
     for room_id in rooms:
         run.room_id = room_id
@@ -105,7 +106,7 @@ Room = dict[str, dict[str, Member]]
 """A room split down to its sections' members (``timeline.events`` as a list of events)."""
 
 
-def _rooms_deep(rooms: dict[str, Room], run: Run, *, joined: bool) -> bool:
+def _rooms_deep(rooms: dict[str, Room], run: Run, joined: bool) -> bool:
     """``_rooms_in`` on rooms already split down to their events (edited in place).
 
     The events of each kind of list are gathered from all rooms and searched at once:
@@ -169,15 +170,28 @@ def _drop_invites(rooms: dict[str, Any], hidden: list[str], run: Run) -> bool:
     return bool(hidden)
 
 
-def _sync_deep(deep: Tree5, run: Run) -> bool:
+_Section = TypeVar("_Section")
+
+
+def _sections(
+    sections: Mapping[str, _Section],
+    run: Run,
+    rooms: Callable[[_Section, Run, bool], bool],
+    invites: Callable[[_Section, Run], bool],
+) -> bool:
+    """`rooms.join`, `rooms.leave` and `rooms.invite`, however deep they were split."""
     changed = False
-    if "join" in deep:
-        changed |= _rooms_deep(deep["join"], run, joined=True)
-    if "leave" in deep:
-        changed |= _rooms_deep(deep["leave"], run, joined=False)
-    if "invite" in deep:
-        changed |= _invites_deep(deep["invite"], run)
+    if "join" in sections:
+        changed |= rooms(sections["join"], run, True)
+    if "leave" in sections:
+        changed |= rooms(sections["leave"], run, False)
+    if "invite" in sections:
+        changed |= invites(sections["invite"], run)
     return changed
+
+
+def _sync_deep(deep: Tree5, run: Run) -> bool:
+    return _sections(deep, run, _rooms_deep, _invites_deep)
 
 
 def invite_is_hidden(events: Raw, run: Run) -> bool:
@@ -313,13 +327,7 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
         return finish(top, run, changed)
     sections = split_object2(rooms_raw)
     if sections is not None:
-        changed = False
-        if "join" in sections:
-            changed |= _rooms_in(sections["join"], run, joined=True)
-        if "leave" in sections:
-            changed |= _rooms_in(sections["leave"], run, joined=False)
-        if "invite" in sections:
-            changed |= _invites_in(sections["invite"], run)
+        changed = _sections(sections, run, _rooms_in, _invites_in)
         if changed:
             top["rooms"] = encode_object(sections)
         return finish(top, run, changed)
