@@ -35,7 +35,7 @@ import collections
 import ipaddress
 import socket
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
 from typing import cast
 
@@ -43,7 +43,7 @@ import httptools
 import httpx
 
 RawHeaders = list[tuple[bytes, bytes]]
-Body = AsyncIterator[bytes] | bytes | None
+Body = AsyncIterable[bytes] | bytes | None
 
 # Reading from the upstream pauses while this much of an answer waits for the client.
 _HIGH_WATER = 64 * 1024
@@ -358,7 +358,7 @@ class _Connection(asyncio.Protocol):
             self.response._finish(error)
 
     async def write_body(
-        self, body: AsyncIterator[bytes], chunked: bool, write_timeout: float | None
+        self, body: AsyncIterable[bytes], chunked: bool, write_timeout: float | None
     ) -> None:
         transport = self.transport
         assert transport is not None

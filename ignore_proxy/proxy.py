@@ -188,7 +188,7 @@ class Proxy:
             await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
             return
         body: AsyncIterator[bytes] | bytes | None = (
-            exchange.body_chunks() if _has_body(headers) else None
+            None if exchange.body_done.is_set() else exchange.body_chunks()
         )
         request_headers = forwardable(headers, REQUEST_ONLY)
         try:

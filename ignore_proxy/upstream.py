@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import http.cookiejar
 from collections.abc import AsyncIterator, Iterable
-from typing import Protocol
+from typing import Protocol, cast
 from urllib.parse import parse_qsl
 
 import httpx
@@ -112,11 +112,6 @@ class _PoolStream(httpx.AsyncByteStream):
         await self._response.aclose()
 
 
-async def _stream(stream: httpx.AsyncByteStream) -> AsyncIterator[bytes]:
-    async for chunk in stream:
-        yield chunk
-
-
 class PoolTransport(httpx.AsyncBaseTransport):
     """httpx over the pool, for the proxy's own lookups (whoami, ignore lists, ...)."""
 
@@ -128,7 +123,7 @@ class PoolTransport(httpx.AsyncBaseTransport):
         stream = request.stream
         body: Body = (
             b"".join(stream) if isinstance(stream, httpx.ByteStream)
-            else _stream(stream)  # type: ignore[arg-type]
+            else cast(httpx.AsyncByteStream, stream)
         )  # fmt: skip
         # httpx frames a body of unknown length itself: the pool decides that.
         headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"transfer-encoding"]
