@@ -147,6 +147,7 @@ class Run:
         "ignored",
         "removed",
         "room_id",
+        "shrunk",
         "stale_threads",
     )
 
@@ -158,6 +159,9 @@ class Run:
         """The room being walked, for events that do not name theirs (sync)."""
         self.stale_threads: list[StaleThread] = []
         self.hidden_invites: list[str] = []
+        self.shrunk = 0
+        """Bytes the edits of a tree split down to its events took out of its compact
+        text (counted by ``sync``, for its check that the body was that text)."""
         present, escapes = mentions_for(ctx.ignored).present(body, ctx.ignored)
         self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from itertools import repeat
 from typing import Any, cast
 
 import msgspec
@@ -23,11 +24,14 @@ __all__ = [
     "Member",
     "Tree5",
     "as_bytes",
+    "compact_len",
     "decode_value",
     "encode_array",
     "encode_object",
+    "key_len",
     "render",
     "renders_as",
+    "settle",
     "split_array",
     "split_members",
     "split_object",
@@ -188,9 +192,16 @@ def split_object2(data: Raw | bytes) -> dict[str, dict[str, Raw]] | None:
     return outer if total == len(data) else None
 
 
-Member = list[Raw] | dict[str, Raw] | str | int | float | bool | None
+Member = list[Raw] | dict[str, Raw] | str | int | bool | None
 """A value split one level: an array into raw items, an object into raw members, a
-scalar decoded."""
+scalar decoded.
+
+No floats: for everything else here msgspec writes the shortest text any JSON spelling
+of the value can have (no whitespace, no escape it can do without), so a decoded tree
+renders back to its input when the two have the same length (up to the case of hex
+digits in ``\\u`` escapes of control characters): the check of ``sync.rewrite_sync``.
+A float's text can be shorter than what msgspec writes for it (``1e2``, ``100.0``); a
+body with one at these levels takes the level-by-level path."""
 Tree5 = dict[str, dict[str, dict[str, dict[str, Member]]]]
 _tree5_decoder = msgspec.json.Decoder(Tree5)
 
@@ -222,6 +233,26 @@ def split_members(data: Raw | bytes) -> dict[str, Member] | None:
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return members if renders_as(members, data) else None
+
+
+def compact_len(items: list[Raw]) -> int:
+    """The length of a JSON array of these raw items, written compactly."""
+    return sum(map(len, items)) + max(len(items) - 1, 0) + 2
+
+
+def key_len(key: str) -> int:
+    """The length of a key's minimal JSON spelling."""
+    return len(_encoder.encode(key))
+
+
+def settle(items: list[Raw]) -> list[Raw]:
+    """``items`` (edited in place) with those that are changed trees rendered, so that
+    each has the length it will have in the output."""
+    if not all(map(isinstance, items, repeat(Raw))):
+        for index, item in enumerate(items):
+            if not isinstance(item, Raw):
+                items[index] = Raw(render(item))
+    return items
 
 
 def renders_as(node: object, data: Raw | bytes) -> bool:

@@ -15,8 +15,11 @@ from .raw import (
     Member,
     Raw,
     Tree5,
+    compact_len,
     encode_object,
+    key_len,
     render,
+    settle,
     split_array,
     split_object,
     split_object2,
@@ -131,7 +134,10 @@ def _rooms_deep(rooms: dict[str, Room], run: Run, joined: bool) -> bool:
     # room by room, sections in their usual order: stale threads are reported in that order
     for index, rank, events, items in sorted(found, key=itemgetter(0, 1)):
         run.room_id = room_ids[index]
-        changed |= edit_items_at(events, items, filters[rank]) is not None
+        before = compact_len(events)
+        if edit_items_at(events, items, filters[rank]) is not None:
+            run.shrunk += before - compact_len(settle(events))
+            changed = True
     return changed
 
 
@@ -158,6 +164,9 @@ def _invites_deep(rooms: dict[str, Room], run: Run) -> bool:
         invite_state = room.get("invite_state", _NO_SECTION)
         if _invite_in(_events_list(invite_state), run):
             hidden.append(room_id)
+            run.shrunk += key_len(room_id) + 1 + len(render(room))  # "id":{...}
+    if hidden:  # and the commas between them
+        run.shrunk += max(len(rooms) - 1, 0) - max(len(rooms) - len(hidden) - 1, 0)
     return _drop_invites(rooms, hidden, run)
 
 
@@ -233,12 +242,11 @@ def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
     return _drop_invites(rooms, hidden, run)
 
 
-class _Top(msgspec.Struct, gc=False):
+class _Top(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     """The members of a ``/sync`` answer: ``rooms`` split down to its events, the others
-    raw (empty when absent). Unknown members are skipped by msgspec: ``_split_top``
-    then finds the body is not what the members render as, and the caller splits the
-    body generically. Not tracked by the garbage collector: nothing it holds can refer
-    back to it."""
+    raw (empty when absent). A body with another member is refused (it would be lost),
+    and the caller splits it generically. Not tracked by the garbage collector: nothing
+    it holds can refer back to it."""
 
     rooms: Tree5 | msgspec.UnsetType = msgspec.UNSET
     next_batch: Raw = EMPTY
@@ -262,38 +270,47 @@ _TOP_NAMES = tuple(
 
 def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
     """The ``rooms`` of a ``/sync`` body split down to its events, and all the top-level
-    members in their order (``rooms`` as that tree); None unless rendering those members
-    gives ``body`` back byte for byte (see ``split_object5``; known members only)."""
+    members in their order (``rooms`` as that tree); None unless the top level is
+    compact with each member known (see ``_Top``) and there once.
+
+    Whether the text of ``rooms`` is compact (what rendering its tree writes) shows only
+    once the tree is rendered: ``rewrite_sync`` checks it then, by length. Here it is
+    taken to be the bytes all the other members leave."""
     try:
         top = _top_decoder.decode(body)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     if isinstance(top.rooms, msgspec.UnsetType):
         return None
-    # each member's text as rendering it would write it
-    texts: dict[bytes, Raw | bytes] = {b"rooms": render(top.rooms)}
-    values: dict[bytes, Raw] = {b"rooms": cast(Raw, top.rooms)}
+    others: dict[bytes, Raw] = {}
     for name, key in _TOP_NAMES:
         value = getattr(top, name)
         if len(value):
-            texts[key] = value
-            values[key] = value
+            others[key] = value
+    # the body is "{", '"rooms":' and its text, ',"key":value' for each other member, "}"
+    rooms_len = len(body) - 10 - sum(len(k) + 4 + len(v) for k, v in others.items())
+    if rooms_len < 2:
+        return None
     ordered: dict[str, Raw] = {}
     pos = 1  # past "{"
-    while texts:
-        member = next((k for k in texts if body.startswith(b'"%s":' % k, pos)), None)
-        if member is None:
-            return None
-        pos += len(member) + 3
-        text = texts.pop(member)
-        if not body.startswith(text, pos):
-            return None
-        pos += len(text)
-        if body[pos : pos + 1] != (b"," if texts else b"}"):
+    for left in range(len(others), -1, -1):
+        if "rooms" not in ordered and body.startswith(b'"rooms":{', pos):
+            pos += 8 + rooms_len
+            ordered["rooms"] = cast(Raw, top.rooms)
+        else:
+            member = next((k for k in others if body.startswith(b'"%s":' % k, pos)), None)
+            if member is None:
+                return None
+            pos += len(member) + 3
+            value = others.pop(member)
+            if not body.startswith(value, pos):
+                return None
+            pos += len(value)
+            ordered[member.decode()] = value
+        if body[pos : pos + 1] != (b"," if left else b"}"):
             return None
         pos += 1
-        ordered[member.decode()] = values[member]
-    return (top.rooms, ordered) if body.startswith(b"{") and pos == len(body) else None
+    return (top.rooms, ordered) if pos == len(body) else None
 
 
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -311,7 +328,12 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
         run = Run(ctx, body)
         if not run.anything or not _sync_deep(deep, run):
             return None
-        return run.result(render(members))
+        rendered = render(members)
+        # Rendered unedited, the tree would be this long; if that is the length of the
+        # body, the body is what rendering writes (see ``raw.Member``): what the edits
+        # left alone is byte for byte as it was. Otherwise the generic path.
+        if len(rendered) + run.shrunk == len(body):
+            return run.result(rendered)
     started = start(body, ctx)
     if started is None:
         return None
