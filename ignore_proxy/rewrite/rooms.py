@@ -14,6 +14,7 @@ from .events import (
     head_of,
     redact_event,
 )
+from .nogc import without_gc
 from .raw import (
     Member,
     Raw,
@@ -215,6 +216,7 @@ def _initial_sync_room(item: Raw, run: Run) -> Raw | None:
     return encode_object(room) if _messages_and_state(room, run) else None
 
 
+@without_gc
 def rewrite_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Legacy ``GET /initialSync``: in ``rooms[]`` filter ``messages.chunk`` (``state``
     kept) and drop rooms the user was invited to by an ignored user (``inviter``, the

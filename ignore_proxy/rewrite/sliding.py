@@ -11,6 +11,7 @@ from .events import (
     filter_receipt,
     filter_typing,
 )
+from .nogc import without_gc
 from .raw import Raw, decode_value, encode_object, split_object
 from .sync import invite_is_hidden
 from .types import IgnoreContext, Rewritten
@@ -90,6 +91,7 @@ def _extensions(raw: Raw, run: Run) -> Raw | None:
     return encode_object(extensions) if changed else None
 
 
+@without_gc
 def rewrite_sliding_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Filter a simplified sliding sync response.
 

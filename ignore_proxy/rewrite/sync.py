@@ -10,6 +10,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from .events import Run, edit_items_at, event_filter, filter_events, head_of
+from .nogc import without_gc
 from .raw import (
     EMPTY,
     Member,
@@ -313,6 +314,7 @@ def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
     return (top.rooms, ordered) if pos == len(body) else None
 
 
+@without_gc
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Filter a ``/sync`` response.
 
