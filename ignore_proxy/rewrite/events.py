@@ -21,6 +21,7 @@ from .raw import (
     decode_value,
     encode_array,
     encode_object,
+    render,
     split_array,
     split_object,
 )
@@ -223,30 +224,41 @@ def edit_items(raw: Raw, run: Run, fn: Callable[[Raw], Raw | None]) -> Raw | Non
     items = split_array(raw)
     if items is None:
         return None
-    return edit_items_at(items, run.relevant_indexes(items), fn)
+    if edit_items_at(items, run.relevant_indexes(items), fn) is None:
+        return None
+    return encode_array(items)
 
 
 def edit_items_at(
     items: list[Raw], indexes: list[int], fn: Callable[[Raw], Raw | None]
-) -> Raw | None:
-    """``edit_items`` on the items at ``indexes`` (ascending) only; ``items`` is edited
-    in place (and returned, unless nothing changed)."""
+) -> int | None:
+    """``edit_items`` on the items at ``indexes`` (ascending) only, ``items`` edited in
+    place; None if nothing changed. Else how much shorter the array's compact text got
+    (an item ``fn`` changed is rendered for that)."""
     dropped: list[int] = []
     changed = False
+    shrunk = 0
     for index in indexes:
-        new = fn(items[index])
+        old = items[index]
+        new = fn(old)
         if new is None:
             continue
         changed = True
         if new is DROP:
             dropped.append(index)
+            shrunk += len(old)
         else:
+            if not isinstance(new, Raw):  # a changed tree (see raw.encode_object)
+                new = Raw(render(new))
             items[index] = new
+            shrunk += len(old) - len(new)
     if not changed:
         return None
-    for index in reversed(dropped):
-        del items[index]
-    return encode_array(items)
+    if dropped:  # and the commas after (or, for the last item, before) them
+        shrunk += len(dropped) if len(dropped) < len(items) else len(dropped) - 1
+        for index in reversed(dropped):
+            del items[index]
+    return shrunk
 
 
 def edit_members(

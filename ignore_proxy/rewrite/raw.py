@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
-from itertools import repeat
 from typing import Any, cast
 
 import msgspec
@@ -24,14 +23,12 @@ __all__ = [
     "Member",
     "Tree5",
     "as_bytes",
-    "compact_len",
     "decode_value",
     "encode_array",
     "encode_object",
     "key_len",
     "render",
     "renders_as",
-    "settle",
     "split_array",
     "split_members",
     "split_object",
@@ -235,24 +232,9 @@ def split_members(data: Raw | bytes) -> dict[str, Member] | None:
     return members if renders_as(members, data) else None
 
 
-def compact_len(items: list[Raw]) -> int:
-    """The length of a JSON array of these raw items, written compactly."""
-    return sum(map(len, items)) + max(len(items) - 1, 0) + 2
-
-
 def key_len(key: str) -> int:
     """The length of a key's minimal JSON spelling."""
     return len(_encoder.encode(key))
-
-
-def settle(items: list[Raw]) -> list[Raw]:
-    """``items`` (edited in place) with those that are changed trees rendered, so that
-    each has the length it will have in the output."""
-    if not all(map(isinstance, items, repeat(Raw))):
-        for index, item in enumerate(items):
-            if not isinstance(item, Raw):
-                items[index] = Raw(render(item))
-    return items
 
 
 def renders_as(node: object, data: Raw | bytes) -> bool:

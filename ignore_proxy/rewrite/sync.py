@@ -16,11 +16,9 @@ from .raw import (
     Member,
     Raw,
     Tree5,
-    compact_len,
     encode_object,
     key_len,
     render,
-    settle,
     split_array,
     split_object,
     split_object2,
@@ -135,9 +133,9 @@ def _rooms_deep(rooms: dict[str, Room], run: Run, joined: bool) -> bool:
     # room by room, sections in their usual order: stale threads are reported in that order
     for index, rank, events, items in sorted(found, key=itemgetter(0, 1)):
         run.room_id = room_ids[index]
-        before = compact_len(events)
-        if edit_items_at(events, items, filters[rank]) is not None:
-            run.shrunk += before - compact_len(settle(events))
+        shrunk = edit_items_at(events, items, filters[rank])
+        if shrunk is not None:
+            run.shrunk += shrunk
             changed = True
     return changed
 
