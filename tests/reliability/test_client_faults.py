@@ -139,8 +139,6 @@ async def test_disconnect_mid_download_and_slow_reader(
     assert answer is not None and answer.status == 200 and fast < 1
     ahead = events.bytes_sent - sent_before - got
     rss_growth = rss_kib(pid) - rss_before
-    writer.transport.abort()
-    assert await asyncio.to_thread(wait_until, lambda: len(events.peer_closed) > closes, 5)
     print(
         f"slow reader: read {got >> 10} KiB, upstream ahead by {ahead >> 10} KiB, "
         f"proxy RSS +{rss_growth} KiB, a sync meanwhile {fast * 1000:.0f} ms"
@@ -150,6 +148,8 @@ async def test_disconnect_mid_download_and_slow_reader(
     # receive buffer from the upstream, its send buffer to the client): 10-15 MB here.
     assert ahead < 32 * 1024 * 1024, "the proxy buffers for a slow reader"
     assert rss_growth < 32 * 1024
+    writer.transport.abort()
+    assert await asyncio.to_thread(wait_until, lambda: len(events.peer_closed) > closes, 5)
 
 
 @pytest.mark.parametrize("chunked", [False, True])
