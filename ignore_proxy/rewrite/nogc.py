@@ -7,7 +7,9 @@ in a proxy holding thousands of requests. The trees the rewriters build hold onl
 strings, numbers and raw bytes, so no cycle can form and reference counting frees all
 of them. The collector is paused while any rewriter runs (they may run in several
 threads at once) and resumes when the last one returns, unless something else had
-turned it off.
+turned it off. Rewriters that keep overlapping (a busy proxy) never let the count fall to
+zero, and the rest of the process makes cyclic garbage too: a pause ends after
+``MAX_PAUSE`` seconds whatever is running, and the next starts once none is.
 """
 
 from __future__ import annotations
@@ -15,6 +17,7 @@ from __future__ import annotations
 import functools
 import gc
 import threading
+import time
 from collections.abc import Callable
 from typing import ParamSpec, TypeVar
 
@@ -23,25 +26,31 @@ __all__ = ["without_gc"]
 _P = ParamSpec("_P")
 _R = TypeVar("_R")
 
+MAX_PAUSE = 1.0
+
 _lock = threading.Lock()
 _running = 0
 _paused = False
+_paused_at = 0.0
 
 
 def _enter() -> None:
-    global _running, _paused
+    global _running, _paused, _paused_at
     with _lock:
         _running += 1
         if _running == 1 and gc.isenabled():
             gc.disable()
-            _paused = True
+            _paused, _paused_at = True, time.monotonic()
+        elif _paused and time.monotonic() - _paused_at > MAX_PAUSE:
+            _paused = False
+            gc.enable()
 
 
 def _leave() -> None:
     global _running, _paused
     with _lock:
         _running -= 1
-        if _running == 0 and _paused:
+        if _paused and (_running == 0 or time.monotonic() - _paused_at > MAX_PAUSE):
             _paused = False
             gc.enable()
 

@@ -4,11 +4,12 @@ from __future__ import annotations
 
 import gc
 import threading
+import time
 from collections.abc import Iterator
 
 import pytest
 
-from ignore_proxy.rewrite import rewrite_initial_sync, rewrite_sliding_sync, rewrite_sync
+from ignore_proxy.rewrite import nogc, rewrite_initial_sync, rewrite_sliding_sync, rewrite_sync
 from ignore_proxy.rewrite.nogc import without_gc
 from tests.rewrite.factories import CTX
 
@@ -71,3 +72,29 @@ def test_a_collector_turned_off_elsewhere_stays_off() -> None:
     gc.disable()
     without_gc(lambda: None)()
     assert not gc.isenabled()
+
+
+def test_a_pause_ends_after_max_pause_while_rewriters_keep_overlapping(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(nogc, "MAX_PAUSE", 0.3)
+    entered, release = threading.Event(), threading.Event()
+
+    @without_gc
+    def long_running() -> None:
+        entered.set()
+        release.wait()
+
+    gc.enable()
+    holder = threading.Thread(target=long_running)
+    holder.start()
+    entered.wait()
+    seen: list[bool] = []
+    without_gc(lambda: seen.append(gc.isenabled()))()  # within the pause
+    time.sleep(0.4)
+    without_gc(lambda: seen.append(gc.isenabled()))()  # after it: collector back on
+    collector_after = gc.isenabled()
+    release.set()
+    holder.join()
+    assert seen == [False, True]
+    assert collector_after and gc.isenabled()
