@@ -408,7 +408,7 @@ class UpstreamPool:
         *,
         max_connections: int | None,
         max_keepalive_connections: int | None,
-        keepalive_expiry: float = 30.0,
+        keepalive_expiry: float = 15.0,
     ) -> None:
         parsed = httpx.URL(url)
         if parsed.scheme not in ("http", "https"):

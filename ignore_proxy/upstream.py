@@ -161,12 +161,18 @@ class _NoCookies(http.cookiejar.DefaultCookiePolicy):
         return False
 
 
+# Homeservers close idle connections: hyper (Conduit, continuwuity) after 30 s, Twisted
+# (Synapse) after 60 s. A request sent on one the homeserver is closing fails, and is never
+# resent: reuse an idle connection only well before the earliest of those.
+KEEPALIVE_EXPIRY = 15.0
+
+
 def create_pool(settings: Settings) -> UpstreamPool:
     return UpstreamPool(
         settings.upstream,
         max_connections=settings.limits.max_connections,
         max_keepalive_connections=settings.limits.max_keepalive_connections,
-        keepalive_expiry=30.0,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
     )
 
 

@@ -80,3 +80,53 @@ async def test_an_idle_connection_the_homeserver_closed_is_not_reused() -> None:
         assert await second.read() == b"ok"
         await second.aclose()
         await pool.aclose()
+
+
+def _serve_keep_alive(listener: socket.socket, accepted: list[socket.socket]) -> None:
+    """Answers every request on every connection, keeping each open; records each one."""
+
+    def answer(conn: socket.socket) -> None:
+        with conn:
+            data = b""
+            while True:
+                while b"\r\n\r\n" not in data:
+                    chunk = conn.recv(65536)
+                    if not chunk:
+                        return
+                    data += chunk
+                data = data.split(b"\r\n\r\n", 1)[1]
+                conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        accepted.append(conn)
+        threading.Thread(target=answer, args=(conn,), daemon=True).start()
+
+
+async def test_an_idle_connection_is_reused_only_within_the_keepalive_expiry() -> None:
+    """Homeservers close idle connections (after 30 s on hyper); the pool stops reusing
+    one before that, rather than send a request the closing would cut."""
+    accepted: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_keep_alive, args=(listener, accepted), daemon=True).start()
+        port = listener.getsockname()[1]
+        pool = UpstreamPool(
+            f"http://127.0.0.1:{port}",
+            max_connections=None,
+            max_keepalive_connections=None,
+            keepalive_expiry=0.3,
+        )
+        connections = []
+        for pause in (0.0, 0.05, 0.5):
+            await asyncio.sleep(pause)
+            response = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+            assert await response.read() == b"ok"
+            await response.aclose()
+            connections.append(len(accepted))
+        assert connections == [1, 1, 2]  # reused after 0.05 s idle, not after 0.5 s
+        await pool.aclose()
