@@ -1,8 +1,8 @@
-"""Real Synapse answers take the rewriter's fast path.
+"""Real Synapse answers take the rewriters' fast paths.
 
-The `/sync` rewriter decodes a body once, down to its events, and keeps that only if the
-body is exactly what msgspec writes for it (checked by length); anything else is split
-again level by level, at about twice the cost. Synapse's own bodies must never need that.
+The `/sync` and `/messages` rewriters decode a body once, down to its events, and keep
+that only if the body is exactly what msgspec writes for it; anything else is split again
+level by level, at about twice the cost. Synapse's own bodies must never need that.
 """
 
 from __future__ import annotations
@@ -13,10 +13,10 @@ from unittest import mock
 
 import pytest
 
-from ignore_proxy.rewrite import IgnoreContext, rewrite_sync, sync
+from ignore_proxy.rewrite import IgnoreContext, rewrite_messages, rewrite_sync, rooms, sync
 
 from .conftest import World
-from .harness.matrix import CS, event_ids, timeline
+from .harness.matrix import CS, event_ids, q, timeline
 
 pytestmark = pytest.mark.e2e
 
@@ -73,3 +73,23 @@ async def test_a_synapse_sync_is_rewritten_in_one_decode(world: World) -> None:
     original = json.loads(body)
     for key in original.keys() - {"rooms"}:
         assert rewritten[key] == original[key], key
+
+
+@pytest.mark.parametrize("target", [("no-ignore", "direct")], indirect=True, ids=["no-ignore"])
+async def test_a_synapse_messages_page_is_rewritten_in_one_decode(world: World) -> None:
+    w = world
+    bob_msg = await w.bob.send_text(w.room_id, "hello from bob \u2603")
+    charlie_msg = await w.charlie.send_text(w.room_id, "caf\u00e9 from charlie")
+    answer = await w.alice.request(
+        "GET", f"{CS}/rooms/{q(w.room_id)}/messages", params={"dir": "b", "limit": "50"}
+    )
+    assert answer.status_code == 200, answer.text
+    assert bob_msg.encode() in answer.content
+
+    ctx = IgnoreContext(frozenset({w.bob.user_id}), w.alice.user_id, True)
+    with mock.patch.object(rooms, "start", side_effect=AssertionError("level by level")):
+        out = rewrite_messages(answer.content, ctx)
+    assert out is not None
+    chunk = json.loads(out.body)["chunk"]
+    assert charlie_msg in event_ids(chunk)
+    assert bob_msg not in event_ids(chunk)
