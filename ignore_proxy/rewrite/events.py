@@ -161,8 +161,8 @@ class Run:
         self.stale_threads: list[StaleThread] = []
         self.hidden_invites: list[str] = []
         self.shrunk = 0
-        """Bytes the edits of a tree split down to its events took out of its compact
-        text (counted by ``sync``, for its check that the body was that text)."""
+        """Bytes the edits of a body split down to its events in one decode took out of
+        its compact text (for the check that the body was that text)."""
         present, escapes = mentions_for(ctx.ignored).present(body, ctx.ignored)
         self.anything = bool(present)
         """False if the body certainly mentions no ignored user (nothing to do)."""

@@ -196,7 +196,8 @@ scalar decoded.
 No floats: for everything else here msgspec writes the shortest text any JSON spelling
 of the value can have (no whitespace, no escape it can do without), so a decoded tree
 renders back to its input when the two have the same length (up to the case of hex
-digits in ``\\u`` escapes of control characters): the check of ``sync.rewrite_sync``.
+digits in ``\\u`` escapes of control characters): the check of ``sync.rewrite_sync``
+and ``rooms.rewrite_messages``.
 A float's text can be shorter than what msgspec writes for it (``1e2``, ``100.0``); a
 body with one at these levels takes the level-by-level path."""
 Tree5 = dict[str, dict[str, dict[str, dict[str, Member]]]]
@@ -223,13 +224,13 @@ _members_decoder = msgspec.json.Decoder(dict[str, Member])
 
 
 def split_members(data: Raw | bytes) -> dict[str, Member] | None:
-    """An object split into ``Member``s (its arrays into raw items) in one pass; None
-    unless rendering them gives back ``data`` byte for byte (see ``split_object5``)."""
+    """An object split into ``Member``s (its arrays into raw items) in one pass; None if
+    ``data`` is not such an object. Whether rendering them gives ``data`` back byte for
+    byte is the caller's to check, by length once it has edited them (see ``Member``)."""
     try:
-        members = _members_decoder.decode(data)
+        return _members_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
-    return members if renders_as(members, data) else None
 
 
 def key_len(key: str) -> int:

@@ -46,7 +46,14 @@ def _rewrite_lists(
 ) -> Rewritten | None:
     members = split_members(body)
     if members is not None:
-        return _rewrite_split_lists(body, members, ctx, filtered, state)
+        run = Run(ctx, body)
+        if not run.anything or not _edit_lists(members, run, filtered, state):
+            return None
+        rendered = render(members)
+        # what the edits left alone is byte for byte as it was (see ``raw.Member``);
+        # otherwise the generic path
+        if len(rendered) + run.shrunk == len(body):
+            return run.result(rendered)
     started = start(body, ctx)
     if started is None:
         return None
@@ -59,25 +66,21 @@ def _rewrite_lists(
     return finish(top, run, changed)
 
 
-def _rewrite_split_lists(
-    body: bytes,
-    members: dict[str, Member],
-    ctx: IgnoreContext,
-    filtered: tuple[str, ...],
-    state: tuple[str, ...],
-) -> Rewritten | None:
-    """``_rewrite_lists`` on a body whose lists came split out of its one decode."""
-    run = Run(ctx, body)
-    if not run.anything:
-        return None
+def _edit_lists(
+    members: dict[str, Member], run: Run, filtered: tuple[str, ...], state: tuple[str, ...]
+) -> bool:
+    """The lists of a body split in one decode, edited in place; True if changed."""
     changed = False
     for keys, keep_all in ((filtered, False), (state, True)):
         one = event_filter(run, keep_all=keep_all)
         for key in keys:
             items = members.get(key)
             if isinstance(items, list):
-                changed |= edit_items_at(items, run.relevant_indexes(items), one) is not None
-    return run.result(render(members)) if changed else None
+                shrunk = edit_items_at(items, run.relevant_indexes(items), one)
+                if shrunk is not None:
+                    run.shrunk += shrunk
+                    changed = True
+    return changed
 
 
 def rewrite_messages(body: bytes, ctx: IgnoreContext) -> Rewritten | None:

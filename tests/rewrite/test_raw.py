@@ -193,3 +193,22 @@ def test_sync_rooms_that_do_not_render_back_are_split_level_by_level() -> None:
     body = b'{"next_batch":"s","rooms":{"join":{"!b:x":{},' + spam_room + b"}}}"
     out = rewrite_sync(body, CTX)
     assert out is not None and out.body == body.replace(b"," + SPAM_EV, b"")
+
+
+def test_messages_that_do_not_render_back_are_split_level_by_level() -> None:
+    """As for ``/sync``: the one decode's answer is kept only if the body was what it
+    renders as; otherwise the members the filter did not touch keep their bytes."""
+    chunk = b'"chunk":[' + OK_EV + b"," + SPAM_EV + b"]"
+    for untouched in [
+        b'"start":"\\u0073"',
+        b'"unsigned":{"a":1, "b":2}',
+        b'"state":[ ]',
+        b'"count":1.50',
+    ]:
+        body = b"{" + chunk + b"," + untouched + b"}"
+        out = rewrite_messages(body, CTX)
+        assert out is not None and out.removed == 1, body
+        assert untouched in out.body, out.body
+    body = b"{" + chunk + b',"start":"s"}'
+    out = rewrite_messages(body, CTX)
+    assert out is not None and out.body == body.replace(b"," + SPAM_EV, b"")
