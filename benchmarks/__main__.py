@@ -64,6 +64,14 @@ def _spread(values: list[float], fmt: str = "{:,.0f}") -> str:
             + fmt.format(max(values)) + ")")  # fmt: skip
 
 
+def _beside(what: str, runs: list[WrkResult], nginx: list[WrkResult], tag: str) -> str:
+    """A row for a variant of the proxy measured beside the main one."""
+    ratios = [p.rps / n.rps for p, n in zip(runs, nginx, strict=True)]
+    return (f"| ... same, {what} | | | {_spread([r.rps for r in runs])} "
+            f"| {_spread(ratios, '{:.2f}')} | "
+            f"| {_spread([r.cpu_us_per_req or 0 for r in runs])} | ({tag}) |")  # fmt: skip
+
+
 def _load() -> str:
     return Path("/proc/loadavg").read_text().split(" ", 3)[:3].__str__()
 
@@ -237,21 +245,10 @@ class Bench:
                 f"| {_spread([r.cpu_us_per_req or 0 for r in res['proxy']])} "
                 f"| {'PASS' if ok else 'FAIL'}{f' ({errors} errors)' if errors else ''} |"
             )
-            one = res["proxy/1"]
-            ratios = [p.rps / n.rps for p, n in zip(one, res["nginx"], strict=True)]
-            rows.append(
-                f"| ... same, one worker | | | {_spread([r.rps for r in one])} "
-                f"| {_spread(ratios, '{:.2f}')} | "
-                f"| {_spread([r.cpu_us_per_req or 0 for r in one])} | (one worker) |"
-            )
+            rows.append(_beside("one worker", res["proxy/1"], res["nginx"], "one worker"))
             if "proxy+log" in res:
-                logged = res["proxy+log"]
-                ratios = [p.rps / n.rps for p, n in zip(logged, res["nginx"], strict=True)]
-                rows.append(
-                    f"| ... same, default `info` access log | | "
-                    f"| {_spread([r.rps for r in logged])} | {_spread(ratios, '{:.2f}')} | "
-                    f"| {_spread([r.cpu_us_per_req or 0 for r in logged])} | (info) |"
-                )
+                rows.append(_beside("default `info` access log", res["proxy+log"], res["nginx"],
+                                    "info"))  # fmt: skip
         # Memory: the peak of the workers' summed PSS (shared pages counted once); the
         # sum of their VmHWM double-counts what they share, and is shown beside it.
         ok = (polls["answered"] == polls["count"] and polls["max_s"] <= 21.0
