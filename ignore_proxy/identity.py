@@ -7,8 +7,9 @@ a ``repr``.
 from __future__ import annotations
 
 import asyncio
+import re
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_to_bytes
@@ -20,6 +21,7 @@ from .ids import is_user_id
 
 __all__ = [
     "Credentials",
+    "CredentialsRefused",
     "IdentityResolver",
     "IdentityUnavailable",
     "credentials_from_request",
@@ -50,67 +52,121 @@ class Credentials:
         return {"Authorization": f"Bearer {self.access_token}"}
 
 
-def _is_token(value: str) -> bool:
-    """Tokens are opaque, but must be sendable in a header: visible ASCII only."""
-    return bool(value) and all("!" <= ch <= "~" for ch in value)
+class CredentialsRefused(Exception):
+    """The request's credentials could name different users depending on how a homeserver
+    reads them: the proxy cannot prove whose list applies, so it answers this error."""
+
+    def __init__(self, status: int, errcode: str, error: str) -> None:
+        super().__init__(error)
+        self.status = status
+        self.errcode = errcode
+        self.error = error
 
 
-def _header_items(
-    headers: Mapping[str, str] | Iterable[tuple[bytes, bytes]],
-) -> Iterable[tuple[str, str]]:
-    if isinstance(headers, Mapping):
-        # starlette's Headers.items() yields every raw header, repeated ones included
-        return ((k.lower(), v) for k, v in headers.items())
-    return ((k.decode("latin-1").lower(), v.decode("latin-1")) for k, v in headers)
+# `Bearer` and one token of visible ASCII, nothing else. Synapse wants the scheme spelled
+# `Bearer` and answers 401 to any other spelling; the others compare it case-insensitively.
+# Either reading yields this token or none, so both spellings name the same user.
+_BEARER = re.compile(rb"[Bb][Ee][Aa][Rr][Ee][Rr] ([!-~]+)")
+_TOKEN = re.compile(r"[!-~]+")
+_ACCESS_TOKEN: Final = b"access_token"
+_USER_ID: Final = b"user_id"
+_DEVICE_ID: Final = b"device_id"
+_CREDENTIAL_PARAMS: Final = frozenset({_ACCESS_TOKEN, _USER_ID, _DEVICE_ID, _UNSTABLE_DEVICE_PARAM})
 
 
 def credentials_from_request(
-    headers: Mapping[str, str] | Iterable[tuple[bytes, bytes]],
-    query: bytes,
+    headers: Iterable[tuple[bytes, bytes]], query: bytes
 ) -> Credentials | None:
-    """Extract the credentials of a request, or None when it carries no usable token.
+    """The credentials a request carries, read the way every homeserver reads them.
 
-    ``headers`` is starlette ``Headers`` (or any str mapping) or the raw ASGI header list;
-    ``query`` is the raw query string. A valid ``Authorization: Bearer`` header wins over
-    ``?access_token=``: Synapse rejects requests carrying both, while Dendrite, Conduit and
-    continuwuity use the header, so preferring it never disagrees with a server that
-    accepts the request. For repeated headers or parameters the first one counts, as on
-    Synapse. Undecodable ``user_id``/``device_id``/``access_token`` values give None.
+    ``headers`` are the raw header pairs exactly as they go upstream (hop-by-hop and
+    `Connection`-named ones already removed: a header the homeserver never sees must not
+    decide whose list applies). ``query`` is the raw query string.
+
+    None when the request carries no credentials at all (the homeserver answers it as
+    nobody). Raises `CredentialsRefused` when any two homeservers could read different
+    credentials out of it:
+
+    - more than one `Authorization` header, one that is not `Bearer <token>`, or one
+      together with `?access_token=` (Synapse refuses both; the others take the header,
+      and Conduit falls back to the query when the header is not `Bearer`);
+    - a credential parameter (`access_token`, `user_id`, `device_id`,
+      `org.matrix.msc3202.device_id`) given twice, undecodable, or read differently when
+      `;` separates parameters (Twisted splits on `;` as on `&`; Rust and Go servers do
+      not, and Go drops an item holding `;`);
+    - a token that is empty or not visible ASCII.
     """
-    token: str | None = None
-    for name, value in _header_items(headers):
-        if name == "authorization":
-            parts = value.split()
-            if len(parts) == 2 and parts[0].lower() == "bearer":
-                token = parts[1]
-            break
+    authorization = [value for name, value in headers if name.lower() == b"authorization"]
+    by_ampersand = _credential_params(query.split(b"&"))
+    if b";" in query:
+        by_semicolon = _credential_params(query.replace(b";", b"&").split(b"&"))
+        if by_semicolon != by_ampersand:
+            raise CredentialsRefused(
+                400, "M_INVALID_PARAM", "Credentials in the query string are ambiguous"
+            )
+    for name, values in by_ampersand.items():
+        if len(values) > 1:
+            raise CredentialsRefused(
+                400, "M_INVALID_PARAM", f"Query parameter {name.decode()} given more than once"
+            )
+    params = {name: values[0] for name, values in by_ampersand.items()}
+    query_token = params.get(_ACCESS_TOKEN)
+    if authorization:
+        if query_token is not None:
+            raise CredentialsRefused(
+                401,
+                "M_MISSING_TOKEN",
+                "Mixing Authorization headers and access_token query parameters.",
+            )
+        if len(authorization) > 1:
+            raise CredentialsRefused(401, "M_MISSING_TOKEN", "Too many Authorization headers.")
+        bearer = _BEARER.fullmatch(authorization[0])
+        if bearer is None:
+            raise CredentialsRefused(401, "M_MISSING_TOKEN", "Invalid Authorization header.")
+        token = bearer.group(1).decode("ascii")
+    elif query_token is not None:
+        token = _text(query_token, _ACCESS_TOKEN)
+        if not _TOKEN.fullmatch(token):
+            raise CredentialsRefused(401, "M_MISSING_TOKEN", "Invalid access_token parameter.")
+    else:
+        return None
+    user_id = params.get(_USER_ID)
+    device_id = params.get(_DEVICE_ID)
+    unstable_device_id = params.get(_UNSTABLE_DEVICE_PARAM)
+    if device_id is not None and unstable_device_id is not None and device_id != unstable_device_id:
+        raise CredentialsRefused(400, "M_INVALID_PARAM", "Two different device IDs given")
+    device = device_id if device_id is not None else unstable_device_id
+    return Credentials(
+        token,
+        None if user_id is None else _text(user_id, _USER_ID),
+        None if device is None else _text(device, _DEVICE_ID),
+    )
 
-    # Twisted (Synapse) splits on ";" too; others do not. Splitting on both finds every
-    # parameter some homeserver would use; where they disagree, that server rejects the
-    # value anyway (a token or user ID with ";" left in it).
-    params: dict[bytes, bytes] = {}
-    for item in query.replace(b";", b"&").split(b"&"):
-        param, sep, raw = item.partition(b"=")
-        if sep:
-            params.setdefault(_unquote(param), _unquote(raw))
-    try:
-        if token is None and b"access_token" in params:
-            token = params[b"access_token"].decode("ascii")
-        user_id = _decode(params.get(b"user_id"))
-        device = _decode(params.get(b"device_id", params.get(_UNSTABLE_DEVICE_PARAM)))
-    except UnicodeDecodeError:
-        return None
-    if token is None or not _is_token(token):
-        return None
-    return Credentials(token, user_id, device)
+
+def _credential_params(items: list[bytes]) -> dict[bytes, list[bytes]]:
+    """Every value of every credential parameter, names and values percent-decoded as
+    form data (`+` is a space), as all homeservers decode them. A name without `=` counts
+    with an empty value: Rust and Go servers read it so."""
+    found: dict[bytes, list[bytes]] = {}
+    for item in items:
+        raw_name, _, raw_value = item.partition(b"=")
+        name = _unquote(raw_name)
+        if name in _CREDENTIAL_PARAMS:
+            found.setdefault(name, []).append(_unquote(raw_value))
+    return found
 
 
 def _unquote(value: bytes) -> bytes:
     return unquote_to_bytes(value.replace(b"+", b" "))
 
 
-def _decode(value: bytes | None) -> str | None:
-    return None if value is None else value.decode("utf-8")
+def _text(value: bytes, name: bytes) -> str:
+    try:
+        return value.decode("utf-8")
+    except UnicodeDecodeError:
+        raise CredentialsRefused(
+            400, "M_INVALID_PARAM", f"Query parameter {name.decode()} is not UTF-8"
+        ) from None
 
 
 class IdentityUnavailable(Exception):
