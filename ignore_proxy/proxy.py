@@ -17,7 +17,13 @@ from starlette.types import Message, Receive, Scope, Send
 from . import lookups, rewrite
 from .config import Settings
 from .errors import error_body, send_error, send_json
-from .identity import Credentials, IdentityResolver, IdentityUnavailable, credentials_from_request
+from .identity import (
+    Credentials,
+    CredentialsRefused,
+    IdentityResolver,
+    IdentityUnavailable,
+    credentials_from_request,
+)
 from .ignore_lists import IgnoreListStore, IgnoreListUnavailable, PutRejection, validate_put_body
 from .logs import log_request
 from .metrics import PASSTHROUGH, Metrics
@@ -190,17 +196,28 @@ class Proxy:
         body: AsyncIterator[bytes] | bytes | None = (
             None if exchange.body_done.is_set() else exchange.body_chunks()
         )
+        # Credentials are read from exactly what goes upstream: a header named in
+        # `Connection` is dropped here, so it must not decide whose list applies.
         request_headers = forwardable(headers, REQUEST_ONLY)
         try:
             found = match(method, raw_path)
         except AmbiguousPath:
-            message = "Ambiguous path: an encoded slash changes which endpoint it names"
+            message = (
+                "Unrecognized request: homeservers could read this path as different endpoints"
+            )
             await send_error(exchange.send, 400, "M_UNRECOGNIZED", message)
             return
         call = None
         if found is not None:
             exchange.route = found.route.name
-            call = _Call(exchange, found, query, credentials_from_request(headers, query))
+            creds = None
+            if found.route.needs_identity:
+                try:
+                    creds = credentials_from_request(request_headers, query)
+                except CredentialsRefused as exc:
+                    await send_error(exchange.send, exc.status, exc.errcode, exc.error)
+                    return
+            call = _Call(exchange, found, query, creds)
             if found.route.ignore_list_write and method == "PUT":
                 checked = await self._checked_ignore_list(call)
                 if checked is None:
@@ -236,7 +253,7 @@ class Proxy:
             self.metrics.observe_upstream(exchange.route, time.perf_counter() - sent)
             try:
                 if response.status_code == 401:
-                    self._forget_rejected_token(call, headers, query)
+                    self._forget_rejected_token(call, request_headers, query)
                 if call is None:
                     await relay(exchange.send, response)
                 else:
@@ -252,7 +269,13 @@ class Proxy:
         self, call: _Call | None, headers: list[tuple[bytes, bytes]], query: bytes
     ) -> None:
         """Any 401 means the token -> user mapping may be stale (revoked elsewhere)."""
-        creds = call.creds if call is not None else credentials_from_request(headers, query)
+        if call is not None:
+            creds = call.creds
+        else:
+            try:
+                creds = credentials_from_request(headers, query)
+            except CredentialsRefused:
+                return  # no single token was used: none is known to be dead
         if creds is not None:
             self.identity.forget_token(creds.access_token)
 

@@ -1,14 +1,44 @@
 """The route table: which client-server endpoints the proxy acts on, and how.
 
-Matching works on decoded, normalised path segments while the request itself is
-forwarded with its raw path, so no spelling of a path (percent-encoding, repeated or
-trailing slashes, dot segments, letter case, any version prefix, an unstable namespace)
-can be a way around the filter. Anything not in the table passes through untouched.
+The proxy must act on exactly the endpoint the homeserver will serve. Homeservers route
+paths literally, so the proxy reads a path as each of them does and refuses (400
+`M_UNRECOGNIZED`) a path that two readings take for different endpoints when one of them
+is an endpoint of this table. The readings, and where each comes from:
+
+- **literal** (Conduit and continuwuity on axum/matchit; Dendrite on gorilla/mux with
+  `UseEncodedPath` and `SkipClean`): the raw path split at `/`; fixed segments compared
+  byte for byte (case-sensitive, `%73ync` is not `sync`); variable segments
+  percent-decoded after matching and never empty; no dot-segment resolution, no merging
+  of slashes, the whole path must match.
+- **synapse** (Twisted, `synapse/http/server.py` matching the regexes of
+  `synapse/rest/client/*` against the raw path, groups `[^/]*` unquoted afterwards): as
+  literal, but a variable segment may be empty, and where Synapse's pattern has no `$`
+  (`open_ended` below) anything may follow it: `.../threads/..`, `.../threadsX`,
+  `.../account_data/m.ignored_user_list/x` are served as that endpoint.
+- **normalised**, twice (what a browser, a client library or a proxy in front may do to
+  a path before it reaches the homeserver, and what a lenient router would accept):
+  percent-decoded, empty and `.` segments dropped, `..` resolved, fixed segments compared
+  case-insensitively, open-ended where Synapse is (Synapse may be what serves the
+  normalised path); once with `%2F` read as data inside its segment, once as a
+  separator. No homeserver splits at `%2F` (all route on the encoded path), but nginx
+  does before it matches a `location`, and so does an nginx between the proxy and the
+  homeserver whose `proxy_pass` has a URI part. The cost: an event ID holding `/`
+  (standard base64, room version 3 only) cannot be named in the path of an endpoint of
+  the table through the proxy.
+
+Event and account-data types are data, not path keywords: where a homeserver reads a
+segment as a variable (the account-data type), the table says so (`{name=value}`) and the
+decoded segment must equal the value exactly.
+
+A path whose readings agree is matched; a path no reading takes for an endpoint of the
+table passes through untouched. Which version prefix a route is served under is not
+checked (`r0`, `v3`, `api/v1`, `unstable`, an unstable namespace): over-matching a prefix
+the homeserver does not serve only ever filters its 404.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 from urllib.parse import unquote_to_bytes
@@ -38,6 +68,8 @@ class Route:
     nearest_unignored: bool = False
     ignore_list_write: bool = False
     evicts: Literal["token", "user"] | None = None
+    # Synapse's pattern for it has no `$`: it serves the path with anything after it.
+    open_ended: bool = False
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -46,6 +78,11 @@ class Route:
     @property
     def needs_ignore_list(self) -> bool:
         return self.rewriter is not None or self.nearest_unignored
+
+    @property
+    def needs_identity(self) -> bool:
+        """The proxy must know who asks (to filter, learn a list or forget a token)."""
+        return self.public_rewriter is None
 
     @property
     def reads_body(self) -> bool:
@@ -71,7 +108,8 @@ ROUTES: tuple[Route, ...] = (
           rewrite.rewrite_relations, single_event=True, check_path_event=True),
     Route("relations", "GET", "rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}",
           rewrite.rewrite_relations, single_event=True, check_path_event=True),
-    Route("threads", "GET", "rooms/{room_id}/threads", rewrite.rewrite_threads),
+    Route("threads", "GET", "rooms/{room_id}/threads", rewrite.rewrite_threads,
+          open_ended=True),
     Route("search", "POST", "search", rewrite.rewrite_search),
     Route("notifications", "GET", "notifications", rewrite.rewrite_notifications),
     Route("initial_sync", "GET", "initialSync", rewrite.rewrite_initial_sync),
@@ -80,21 +118,22 @@ ROUTES: tuple[Route, ...] = (
     Route("timestamp_to_event", "GET", "rooms/{room_id}/timestamp_to_event",
           nearest_unignored=True),
     Route("versions", "GET", "versions", public_rewriter=rewrite.add_msc4406_feature),
-    Route("ignore_list", "PUT", "user/{user_id}/account_data/m.ignored_user_list",
-          ignore_list_write=True),
-    Route("ignore_list", "DELETE", "user/{user_id}/account_data/m.ignored_user_list",
-          ignore_list_write=True),
+    Route("ignore_list", "PUT", "user/{user_id}/account_data/{type=m.ignored_user_list}",
+          ignore_list_write=True, open_ended=True),
+    Route("ignore_list", "DELETE", "user/{user_id}/account_data/{type=m.ignored_user_list}",
+          ignore_list_write=True, open_ended=True),
     Route("logout", "POST", "logout", evicts="token"),
     Route("logout", "POST", "logout/all", evicts="user"),
     Route("devices", "DELETE", "devices/{device_id}", evicts="user"),
-    Route("devices", "POST", "delete_devices", evicts="user"),
+    Route("devices", "POST", "delete_devices", evicts="user", open_ended=True),
     Route("password", "POST", "account/password", evicts="user"),
     Route("refresh", "POST", "refresh", evicts="token"),
 )  # fmt: skip
 
 
 class AmbiguousPath(Exception):
-    """The path names different endpoints depending on how `%2F` is read."""
+    """Homeservers (or what sits before them) could read the path as different endpoints,
+    one of them an endpoint the proxy acts on."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -103,14 +142,14 @@ class RouteMatch:
     params: dict[str, str]
 
 
-def _index(routes: tuple[Route, ...]) -> dict[tuple[str, int], tuple[Route, ...]]:
-    index: dict[tuple[str, int], list[Route]] = {}
+def _index(routes: tuple[Route, ...]) -> dict[str, tuple[Route, ...]]:
+    index: dict[str, list[Route]] = {}
     for route in routes:
-        index.setdefault((route.method, len(route.segments)), []).append(route)
+        index.setdefault(route.method, []).append(route)
     return {key: tuple(value) for key, value in index.items()}
 
 
-_BY_SHAPE = _index(ROUTES)
+_BY_METHOD = _index(ROUTES)
 
 
 # Recent answers of `match`, by (method, raw path): the same paths come again and again
@@ -121,7 +160,9 @@ _MATCHED_PATH_MAX = 512
 
 
 def match(method: str, raw_path: bytes) -> RouteMatch | None:
-    """The route for a request, or None when the proxy has nothing to do with it."""
+    """The route for a request, or None when the proxy has nothing to do with it.
+
+    Raises `AmbiguousPath` when the readings of the path disagree (module docstring)."""
     key = (method, raw_path)
     found = _MATCHED.get(key, _MATCHED)
     if found is _MATCHED:
@@ -143,32 +184,34 @@ def _match(method: str, raw_path: bytes) -> RouteMatch | None:
         return None  # the common fast case: media, federation, admin, well-known
     if method == "HEAD":
         return None  # no body, nothing to filter: relayed as it is
-    readings = {
-        (found.route, tuple(found.params.items())): found
-        for segments in _segmentations(raw_path)
-        if (found := _match_client_path(method, segments)) is not None
-    }
-    if len(readings) > 1:
-        # `%2F` read as data and as a separator name two different requests: which one
-        # the homeserver serves is unknown, so neither filter can be trusted.
+    routes = _BY_METHOD.get(method, ())
+    if not routes:
+        return None
+    raw = raw_path.decode("latin-1").split("/")
+    literal = _read(routes, raw, _decode)
+    readings = (
+        _read(routes, raw, _decode, empty_params=True, open_ended=True),
+        _read(routes, _normalise([_decode(p) for p in raw]), str, open_ended=True, fold=True),
+        _read(
+            routes,
+            _normalise(_decode(raw_path.decode("latin-1")).split("/")),
+            str,
+            open_ended=True,
+            fold=True,
+        ),
+    )
+    if any(reading != literal for reading in readings):
         raise AmbiguousPath
-    return next(iter(readings.values()), None)
+    return literal
 
 
-def _segmentations(raw_path: bytes) -> Iterator[list[str]]:
-    # A homeserver may decode `%2F` before or after splitting the path: try both readings.
-    split_first = [_decode(part) for part in raw_path.split(b"/")]
-    yield _normalise(split_first)
-    if b"%" in raw_path:
-        yield _normalise(_decode(raw_path).split("/"))
-
-
-def _decode(raw: bytes) -> str:
-    return unquote_to_bytes(raw).decode("utf-8", "surrogateescape")
+def _decode(raw: str) -> str:
+    """Percent-decode a piece of the path (held as latin-1 text, byte for byte)."""
+    return unquote_to_bytes(raw.encode("latin-1")).decode("utf-8", "surrogateescape")
 
 
 def _normalise(parts: list[str]) -> list[str]:
-    """Drop empty segments (repeated and trailing slashes) and resolve dot segments."""
+    """Drop empty and `.` segments and resolve `..` in decoded segments."""
     segments: list[str] = []
     for part in parts:
         if part in ("", "."):
@@ -178,33 +221,69 @@ def _normalise(parts: list[str]) -> list[str]:
                 segments.pop()
             continue
         segments.append(part)
-    return segments
+    return ["", *segments]
 
 
-def _match_client_path(method: str, segments: list[str]) -> RouteMatch | None:
-    lowered = [segment.lower() for segment in segments[:4]]
-    if lowered[:2] != ["_matrix", "client"] or len(segments) < 3:
+def _read(
+    routes: tuple[Route, ...],
+    raw: list[str],
+    decode: Callable[[str], str],
+    *,
+    empty_params: bool = False,
+    open_ended: bool = False,
+    fold: bool = False,
+) -> RouteMatch | None:
+    """The route one reading takes the path for. `raw` starts with the empty segment
+    before the first `/`; fixed segments are compared as they stand in `raw` (ignoring
+    case with `fold`), variables are read through `decode`."""
+    fixed = [part.lower() for part in raw[:5]] if fold else raw[:5]
+    if len(raw) < 4 or fixed[0] != "" or fixed[1] != "_matrix" or fixed[2] != "client":
         return None
-    if len(segments) == 3:
-        rest = segments[2:]  # unversioned: `/_matrix/client/versions`
-    elif lowered[2:4] == ["api", "v1"]:
-        rest = segments[4:]
+    if len(raw) == 4:
+        rest = raw[3:]  # unversioned: `/_matrix/client/versions`
+    elif fixed[3] == "api" and len(raw) > 4 and fixed[4] == "v1":
+        rest = raw[5:]
     else:
-        rest = segments[3:]
-    if rest and "." in rest[0]:
+        rest = raw[4:]
+    if rest and "." in rest[0] and rest[0] not in (".", ".."):
         rest = rest[1:]  # an unstable namespace such as `org.matrix.msc3391`
-    for route in _BY_SHAPE.get((method, len(rest)), ()):
-        params = _match_segments(route.segments, rest)
+    for route in routes:
+        params = _match_segments(
+            route, rest, decode, empty_params=empty_params, open_ended=open_ended, fold=fold
+        )
         if params is not None:
             return RouteMatch(route, params)
     return None
 
 
-def _match_segments(pattern: tuple[str, ...], segments: list[str]) -> dict[str, str] | None:
+def _match_segments(
+    route: Route,
+    segments: list[str],
+    decode: Callable[[str], str],
+    *,
+    empty_params: bool,
+    open_ended: bool,
+    fold: bool,
+) -> dict[str, str] | None:
+    pattern = route.segments
+    if len(segments) != len(pattern) and not (
+        open_ended and route.open_ended and len(segments) > len(pattern)
+    ):
+        return None
     params: dict[str, str] = {}
-    for expected, actual in zip(pattern, segments, strict=True):
+    last = len(pattern) - 1
+    for position, (expected, actual) in enumerate(zip(pattern, segments, strict=False)):
         if expected.startswith("{"):
-            params[expected[1:-1]] = actual
-        elif expected.lower() != actual.lower():
+            if not actual and not empty_params:
+                return None
+            name, _, fixed = expected[1:-1].partition("=")
+            value = decode(actual)
+            if fixed and value != fixed:
+                return None
+            params[name] = value
+        elif expected == actual or (fold and expected.lower() == actual.lower()):
+            continue
+        elif not (open_ended and route.open_ended and position == last
+                  and actual.startswith(expected)):  # fmt: skip
             return None
     return params
