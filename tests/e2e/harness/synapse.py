@@ -24,8 +24,38 @@ NO_IGNORE_LAUNCHER = Path(__file__).resolve().parent.parent / "synapse_no_ignore
 _BIG_RATE = {"per_second": 10000, "burst_count": 100000}
 
 
+# An application service registered with every Synapse of the suite: its token acts as any
+# `@as_*` user through `?user_id=` (masquerading).
+APPSERVICE_TOKEN = "e2e-appservice-token"
+APPSERVICE_SENDER = "as_bridge"
+APPSERVICE_USERS = "@as_.*"
+
+
+def appservice_registration(workdir: Path) -> Path:
+    path = workdir / "appservice.yaml"
+    path.write_text(
+        json.dumps(
+            {
+                "id": "e2e-appservice",
+                "url": None,
+                "as_token": APPSERVICE_TOKEN,
+                "hs_token": secrets.token_hex(16),
+                "sender_localpart": APPSERVICE_SENDER,
+                "rate_limited": False,
+                "namespaces": {
+                    "users": [{"exclusive": False, "regex": APPSERVICE_USERS}],
+                    "rooms": [],
+                    "aliases": [],
+                },
+            }
+        )
+    )
+    return path
+
+
 def synapse_config(workdir: Path, port: int, shared_secret: str) -> dict[str, object]:
     return {
+        "app_service_config_files": [str(appservice_registration(workdir))],
         "server_name": SERVER_NAME,
         "public_baseurl": f"http://127.0.0.1:{port}/",
         "pid_file": str(workdir / "homeserver.pid"),
@@ -110,6 +140,21 @@ def launch_synapse(mode: Mode, workdir: Path) -> SynapseServer:
 
 def wait_synapse(server: SynapseServer, timeout: float = 90.0) -> None:
     server.process.wait_http(f"{server.url}/_matrix/client/versions", timeout)
+
+
+async def register_appservice_user(
+    client: httpx.AsyncClient, server: SynapseServer, localpart: str
+) -> str:
+    """Register `@<localpart>` in the appservice's namespace; the user ID."""
+    resp = await client.post(
+        f"{server.url}/_matrix/client/v3/register",
+        json={"type": "m.login.application_service", "username": localpart},
+        headers={"Authorization": f"Bearer {APPSERVICE_TOKEN}"},
+    )
+    if resp.status_code != 200:
+        raise RuntimeError(f"registering {localpart}: {resp.status_code} {resp.text}")
+    user_id: str = resp.json()["user_id"]
+    return user_id
 
 
 @dataclass(frozen=True)
