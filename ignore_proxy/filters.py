@@ -30,18 +30,23 @@ are accepted and the last one wins, as for Synapse, on the levels read here too.
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from typing import Any, Literal
+from urllib.parse import quote_from_bytes, unquote_to_bytes
 
 from .rewrite.raw import Raw, encode_array, encode_object, render, split_array, split_object
 
 __all__ = [
     "FilterRefused",
     "FilterSource",
+    "QueryFilter",
+    "filter_in_query",
     "is_inline_filter",
     "project_sync_body",
     "split_event_fields",
     "split_field",
     "strip_event_fields_from_search",
+    "with_stored_filter",
 ]
 
 EVENT_FIELDS = "event_fields"
@@ -406,3 +411,80 @@ def project_sync_body(body: bytes, fields: tuple[str, ...]) -> bytes:
         return body
     top["rooms"] = encode_object(sections)
     return render(top)
+
+
+# --- the `filter` query parameter ---------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class QueryFilter:
+    """What becomes of a request's `filter` query parameter."""
+
+    query: bytes  # the query string to forward
+    fields: tuple[str, ...] | None = None  # the client's event_fields, applied afterwards
+    stored_id: str | None = None  # a stored filter the proxy must read before forwarding
+
+
+_FILTER_PARAM = b"filter"
+
+
+def filter_in_query(query: bytes, *, stored_allowed: bool) -> QueryFilter:
+    """The query to forward with `event_fields` taken out of an inline `filter`.
+
+    `stored_allowed` (`/sync`): a value that is not inline JSON is a stored filter's ID,
+    returned in `stored_id` for the caller to read (`with_stored_filter`); elsewhere it
+    is refused as Synapse refuses it. FilterRefused also when the homeservers could read
+    different `filter` values out of the query (given twice, or read differently when
+    `;` separates parameters as in Twisted) or when the filter is not JSON.
+    """
+    if b"filter" not in query and b"%" not in query:  # `%66ilter` is `filter` too
+        return QueryFilter(query)
+    items = query.split(b"&")
+    found = [n for n, item in enumerate(items) if _param_name(item) == _FILTER_PARAM]
+    if b";" in query:
+        by_semicolon = [
+            item for item in query.replace(b";", b"&").split(b"&")
+            if _param_name(item) == _FILTER_PARAM
+        ]  # fmt: skip
+        if by_semicolon != [items[n] for n in found]:
+            raise FilterRefused(400, "M_INVALID_PARAM", "The filter parameter is ambiguous")
+    if not found:
+        return QueryFilter(query)
+    if len(found) > 1:
+        raise FilterRefused(400, "M_INVALID_PARAM", "The filter parameter is given twice")
+    _, _, raw_value = items[found[0]].partition(b"=")
+    try:
+        value = unquote_to_bytes(raw_value.replace(b"+", b" ")).decode("utf-8")
+    except UnicodeDecodeError:
+        raise _not_json("query") from None
+    if not is_inline_filter(value):
+        if stored_allowed:
+            return QueryFilter(query, stored_id=value)
+        raise _not_json("query")
+    forwarded, fields = split_event_fields(value, source="query")
+    if forwarded == value.encode("utf-8"):
+        return QueryFilter(query, fields)
+    return QueryFilter(_with_filter(items, found[0], forwarded), fields)
+
+
+def with_stored_filter(query: bytes, stored: bytes) -> QueryFilter:
+    """The query to forward for a stored filter (the body of `GET
+    /user/{userId}/filter/{filterId}`): the ID as it was when the filter has no
+    `event_fields`, else the filter inline without them. Filters never change once
+    stored, so the homeserver reads what the proxy read."""
+    forwarded, fields = split_event_fields(stored, source="body")
+    if fields is None and forwarded is stored:
+        return QueryFilter(query)
+    items = query.split(b"&")
+    found = next(n for n, item in enumerate(items) if _param_name(item) == _FILTER_PARAM)
+    return QueryFilter(_with_filter(items, found, forwarded), fields)
+
+
+def _param_name(item: bytes) -> bytes:
+    return unquote_to_bytes(item.partition(b"=")[0].replace(b"+", b" "))
+
+
+def _with_filter(items: list[bytes], index: int, filter_json: bytes) -> bytes:
+    replaced = list(items)
+    replaced[index] = _FILTER_PARAM + b"=" + quote_from_bytes(filter_json, safe="").encode()
+    return b"&".join(replaced)

@@ -77,6 +77,23 @@ async def fetch_event_head(
     return EventHead(head.sender, head.state_key is not msgspec.UNSET)
 
 
+async def fetch_filter(
+    client: httpx.AsyncClient, creds: Credentials, user_id: str, filter_id: str, limit: int
+) -> bytes | None:
+    """A stored filter's definition; None if the homeserver has no such filter for the
+    user (it answers the request with 400 M_INVALID_PARAM then)."""
+    path = f"/_matrix/client/v3/user/{quote(user_id, safe='')}/filter/{quote(filter_id, safe='')}"
+    try:
+        response = await client.get(path, headers=creds.auth_headers(), params=creds.query_params())
+    except httpx.TransportError as exc:
+        raise LookupFailed(type(exc).__name__) from None
+    if response.status_code in (400, 404):
+        return None
+    if response.status_code != 200 or len(response.content) > limit:
+        raise LookupFailed(f"filter: status {response.status_code}")
+    return response.content
+
+
 async def nearest_unignored_event(
     client: httpx.AsyncClient,
     creds: Credentials,

@@ -11,12 +11,13 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
 import httpx
-from cachetools import TTLCache
+from cachetools import LRUCache, TTLCache
 from starlette.types import Message, Receive, Scope, Send
 
-from . import lookups, rewrite
+from . import filters, lookups, rewrite
 from .config import Settings
 from .errors import error_body, send_error, send_json
+from .filters import FilterRefused
 from .identity import (
     Credentials,
     CredentialsRefused,
@@ -27,9 +28,17 @@ from .identity import (
 from .ignore_lists import IgnoreListStore, IgnoreListUnavailable, PutRejection, validate_put_body
 from .logs import log_request
 from .metrics import PASSTHROUGH, Metrics
+from .pool import RawHeaders
 from .responses import BodyTooLarge, read_body, relay, send_rewritten
 from .routes import AmbiguousPath, Route, RouteMatch, match
-from .upstream import REQUEST_ONLY, Upstream, UpstreamResponse, forwardable, target, timeouts_for
+from .upstream import (
+    REQUEST_ONLY,
+    Upstream,
+    UpstreamResponse,
+    forwardable,
+    target,
+    timeouts_for,
+)
 
 log = logging.getLogger(__name__)
 
@@ -120,6 +129,8 @@ class _Call:
     path_event: asyncio.Task[lookups.EventHead] | None = None
     new_list: frozenset[str] | None = None
     user_to_evict: str | None = None
+    # The client's `event_fields`, taken out of the filter the homeserver got.
+    event_fields: tuple[str, ...] | None = None
 
     def cancel_lookups(self) -> None:
         for task in (self.user, self.path_event):
@@ -148,6 +159,8 @@ class Proxy:
         self.ignore_lists = ignore_lists
         self.metrics = metrics
         self._rejected: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=10_000, ttl=60)
+        # Stored filters by (user, filter ID): immutable, so only their number is bounded.
+        self._filters: LRUCache[tuple[str, str], bytes] = LRUCache(maxsize=10_000)
         self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -218,6 +231,26 @@ class Proxy:
                     await send_error(exchange.send, exc.status, exc.errcode, exc.error)
                     return
             call = _Call(exchange, found, query, creds)
+            if found.route.filter is not None:
+                try:
+                    query, request_headers, body = await self._take_out_event_fields(
+                        call, request_headers, body
+                    )
+                except FilterRefused as exc:
+                    await send_error(exchange.send, exc.status, exc.errcode, exc.error)
+                    return
+                except RequestTooLarge:
+                    await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
+                    return
+                except IdentityUnavailable:
+                    await send_error(exchange.send, 503, "M_UNKNOWN",
+                                     "The homeserver could not tell who is asking",
+                                     headers=[(b"retry-after", b"5")])  # fmt: skip
+                    return
+                except lookups.LookupFailed as exc:
+                    await _send_lookup_failed(exchange.send, exc)
+                    return
+                call.query = query
             if found.route.ignore_list_write and method == "PUT":
                 checked = await self._checked_ignore_list(call)
                 if checked is None:
@@ -278,6 +311,50 @@ class Proxy:
                 return  # no single token was used: none is known to be dead
         if creds is not None:
             self.identity.forget_token(creds.access_token)
+
+    async def _take_out_event_fields(
+        self, call: _Call, headers: RawHeaders, body: AsyncIterator[bytes] | bytes | None
+    ) -> tuple[bytes, RawHeaders, AsyncIterator[bytes] | bytes | None]:
+        """The query, headers and body to forward with `event_fields` taken out of the
+        request's filter: the homeserver would leave `sender` out of every event it
+        serves, and the proxy could not tell whose they are. The client's fields are
+        kept in `call.event_fields` and applied to the filtered answer of `/sync` (the
+        one endpoint whose filter has them; elsewhere a homeserver may ignore them)."""
+        kind, query = call.found.route.filter, call.query
+        if kind == "search_body":
+            if body is None:
+                return query, headers, body
+            raw = await self._read_json_body(call.exchange)
+            stripped = filters.strip_event_fields_from_search(raw)
+            if stripped is not raw:
+                headers = [(n, v) for n, v in headers if n.lower() != b"content-length"]
+                headers.append((b"content-length", str(len(stripped)).encode()))
+            return query, headers, stripped
+        found = filters.filter_in_query(query, stored_allowed=kind == "query_or_stored")
+        if found.stored_id is not None and call.creds is not None:
+            user_id = await self.identity.resolve(call.creds)
+            if user_id is not None:  # else the homeserver refuses the token itself
+                stored = await self._stored_filter(call.creds, user_id, found.stored_id)
+                found = filters.with_stored_filter(query, stored)
+        call.event_fields = found.fields or None  # `[]` means every field
+        return found.query, headers, body
+
+    async def _stored_filter(self, creds: Credentials, user_id: str, filter_id: str) -> bytes:
+        key = (user_id, filter_id)
+        stored = self._filters.get(key)
+        if stored is None:
+            limit = self.settings.limits.max_json_body
+            stored = await lookups.fetch_filter(self.client, creds, user_id, filter_id, limit)
+            if stored is None:
+                raise filters.FilterRefused(400, "M_INVALID_PARAM", "No such filter")
+            self._filters[key] = stored  # filters never change once stored
+        return stored
+
+    async def _read_json_body(self, exchange: _Exchange) -> bytes:
+        """A client's JSON body the proxy must read itself, bounded by max_json_body."""
+        json_limit = self.settings.limits.max_json_body
+        exchange.body_limit = min(exchange.body_limit or json_limit, json_limit)
+        return await exchange.read_body()
 
     async def _checked_ignore_list(self, call: _Call) -> tuple[frozenset[str], bytes] | None:
         """Read and check a client's new ignore list; None when the proxy answered an error."""
@@ -398,7 +475,7 @@ class Proxy:
         except ListUnavailable:
             await self._send_list_unavailable(send, response)
             return
-        if route.account_data is None and not ignored:
+        if route.account_data is None and not ignored and call.event_fields is None:
             await relay(send, response)  # nobody ignored: stream it, never parse it
             return
         body = await self._read(call, response)
@@ -417,7 +494,7 @@ class Proxy:
         if route.nearest_unignored and ignored:
             await self._send_nearest_unignored(call, response, body, ignored)
         elif not ignored or not rewrite.mentions_any(body, ignored):
-            await send_rewritten(send, response, body)
+            await self._send_filtered(call, response, body)
         else:
             context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
             await self._send_rewritten(call, response, body, context)
@@ -494,12 +571,19 @@ class Proxy:
             await send_error(send, 502, "M_UNKNOWN", "The homeserver sent a malformed answer")
             return
         if rewritten is None:
-            await send_rewritten(send, response, body)
+            await self._send_filtered(call, response, body)
             return
         if rewritten.hidden_invites and call.creds is not None:
             self._reject_invites(context.user_id, call.creds, rewritten.hidden_invites)
         self.metrics.events_removed.labels(route.name).inc(rewritten.removed)
-        await send_rewritten(send, response, rewritten.body)
+        await self._send_filtered(call, response, rewritten.body)
+
+    async def _send_filtered(self, call: _Call, response: UpstreamResponse, body: bytes) -> None:
+        """Send a body the proxy has read and filtered, with the client's `event_fields`
+        applied now that no ignored sender's event is left to judge."""
+        if call.event_fields is not None:
+            body = filters.project_sync_body(body, call.event_fields)
+        await send_rewritten(call.exchange.send, response, body)
 
     async def _rewrite(
         self, route: Route, body: bytes, context: rewrite.IgnoreContext

@@ -70,6 +70,10 @@ class Route:
     evicts: Literal["token", "user"] | None = None
     # Synapse's pattern for it has no `$`: it serves the path with anything after it.
     open_ended: bool = False
+    # Where the request carries a filter whose `event_fields` the proxy takes out (they
+    # can drop `sender`): the `filter` query parameter, inline or (`/sync`) stored, or
+    # the `/search` body.
+    filter: Literal["query", "query_or_stored", "search_body"] | None = None
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -92,12 +96,13 @@ class Route:
 
 ROUTES: tuple[Route, ...] = (
     Route("sync", "GET", "sync", rewrite.rewrite_sync,
-          account_data=rewrite.ignored_users_from_sync),
+          account_data=rewrite.ignored_users_from_sync, filter="query_or_stored"),
     Route("sliding_sync", "POST", "sync", rewrite.rewrite_sliding_sync,
           account_data=rewrite.ignored_users_from_sliding_sync),
-    Route("messages", "GET", "rooms/{room_id}/messages", rewrite.rewrite_messages),
+    Route("messages", "GET", "rooms/{room_id}/messages", rewrite.rewrite_messages,
+          filter="query"),
     Route("context", "GET", "rooms/{room_id}/context/{event_id}", rewrite.rewrite_context,
-          single_event=True),
+          single_event=True, filter="query"),
     Route("event", "GET", "rooms/{room_id}/event/{event_id}", rewrite.rewrite_single_event,
           single_event=True),
     Route("event", "GET", "events/{event_id}", rewrite.rewrite_single_event, single_event=True),
@@ -110,7 +115,7 @@ ROUTES: tuple[Route, ...] = (
           rewrite.rewrite_relations, single_event=True, check_path_event=True),
     Route("threads", "GET", "rooms/{room_id}/threads", rewrite.rewrite_threads,
           open_ended=True),
-    Route("search", "POST", "search", rewrite.rewrite_search),
+    Route("search", "POST", "search", rewrite.rewrite_search, filter="search_body"),
     Route("notifications", "GET", "notifications", rewrite.rewrite_notifications),
     Route("initial_sync", "GET", "initialSync", rewrite.rewrite_initial_sync),
     Route("room_initial_sync", "GET", "rooms/{room_id}/initialSync",

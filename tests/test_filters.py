@@ -12,6 +12,7 @@ from __future__ import annotations
 import copy
 import json
 from typing import Any
+from urllib.parse import quote
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -19,11 +20,14 @@ from hypothesis import strategies as st
 
 from ignore_proxy.filters import (
     FilterRefused,
+    QueryFilter,
+    filter_in_query,
     is_inline_filter,
     project_sync_body,
     split_event_fields,
     split_field,
     strip_event_fields_from_search,
+    with_stored_filter,
 )
 
 SETTINGS = settings(max_examples=200, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -757,3 +761,51 @@ def test_search_body_not_a_json_object(body: bytes, errcode: str, error: str) ->
         errcode,
         error,
     )
+
+
+# --- the `filter` query parameter ---------------------------------------------------------
+
+
+def test_a_query_without_event_fields_is_forwarded_as_it_is() -> None:
+    query = b"since=s1&filter=%7B%22room%22%3A%7B%7D%7D&timeout=0"
+    assert filter_in_query(query, stored_allowed=True) == QueryFilter(query)
+    assert filter_in_query(b"timeout=0", stored_allowed=True) == QueryFilter(b"timeout=0")
+
+
+def test_inline_event_fields_are_taken_out_and_kept() -> None:
+    query = b"a=1&filter=" + quote(b'{"event_fields":["content"],"room":{}}').encode() + b"&b=2"
+    found = filter_in_query(query, stored_allowed=True)
+    assert found.fields == ("content",)
+    assert found.query == b"a=1&filter=" + quote(b'{"room":{}}', safe="").encode() + b"&b=2"
+    # An encoded parameter name is the same parameter to every homeserver.
+    encoded = b"%66ilter=" + quote(b'{"event_fields":["content"]}').encode()
+    assert filter_in_query(encoded, stored_allowed=False).fields == ("content",)
+
+
+def test_a_filter_id_is_read_only_where_ids_are_allowed() -> None:
+    assert filter_in_query(b"filter=12", stored_allowed=True).stored_id == "12"
+    with pytest.raises(FilterRefused) as caught:
+        filter_in_query(b"filter=12", stored_allowed=False)
+    assert caught.value.errcode == "M_NOT_JSON"
+
+
+@pytest.mark.parametrize(
+    "query",
+    [
+        b"filter=1&filter=2",
+        b"x=1;filter=" + quote(b'{"event_fields":["content"]}').encode(),
+        b"filter=" + quote(b'{"room":{}}').encode() + b";filter=2",
+        b"filter=%FF",
+    ],
+)
+def test_a_filter_homeservers_could_read_otherwise_is_refused(query: bytes) -> None:
+    with pytest.raises(FilterRefused):
+        filter_in_query(query, stored_allowed=True)
+
+
+def test_a_stored_filter_with_event_fields_is_forwarded_inline() -> None:
+    query = b"since=s&filter=7"
+    assert with_stored_filter(query, b'{"room":{}}') == QueryFilter(query)
+    found = with_stored_filter(query, b'{"event_fields":["content.body"],"room":{}}')
+    assert found.fields == ("content.body",)
+    assert found.query == b"since=s&filter=" + quote(b'{"room":{}}', safe="").encode()

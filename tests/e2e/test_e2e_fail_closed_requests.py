@@ -5,6 +5,7 @@ served, or the proxy refuses. alice ignores bob in every test."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -132,3 +133,83 @@ async def test_a_non_ascii_header_beside_a_query_token_is_refused(world: World) 
     assert "bob behind a broken header" not in resp.text
     assert resp.status_code == 401, resp.text
     assert resp.json()["errcode"] == "M_MISSING_TOKEN"
+
+
+def _timeline(body: dict[str, Any], room_id: str) -> list[dict[str, Any]]:
+    events: list[dict[str, Any]] = body["rooms"]["join"][room_id]["timeline"]["events"]
+    return events
+
+
+CONTENT_ONLY = {
+    "event_fields": ["content", "type"],
+    "room": {"timeline": {"limit": 50}},
+}
+
+
+async def test_an_inline_filter_cannot_strip_the_sender(world: World) -> None:
+    """`event_fields` makes Synapse leave `sender` out of every event: the proxy takes
+    them out of the filter it forwards and applies them itself after filtering."""
+    w = world
+    await w.bob.send_text(w.room_id, "bob behind event_fields")
+    await w.charlie.send_text(w.room_id, "charlie behind event_fields")
+    body = await w.alice.sync(filter_json=json.dumps(CONTENT_ONLY))
+    text = json.dumps(body)
+    assert "bob behind event_fields" not in text
+    assert "charlie behind event_fields" in text
+    for event in _timeline(body, w.room_id):
+        assert set(event) <= {"content", "type"}, event  # the client's fields, applied
+
+
+async def test_a_stored_filter_cannot_strip_the_sender(world: World) -> None:
+    w = world
+    stored = await w.alice.request(
+        "POST", f"{CS}/user/{q(w.alice.user_id)}/filter", json=CONTENT_ONLY
+    )
+    assert stored.status_code == 200, stored.text
+    filter_id = stored.json()["filter_id"]
+    await w.bob.send_text(w.room_id, "bob behind a stored filter")
+    await w.charlie.send_text(w.room_id, "charlie behind a stored filter")
+    for _ in range(2):  # the second time from the proxy's cache of stored filters
+        body = await w.alice.sync(filter_json=filter_id)
+        text = json.dumps(body)
+        assert "bob behind a stored filter" not in text
+        assert "charlie behind a stored filter" in text
+        for event in _timeline(body, w.room_id):
+            assert set(event) <= {"content", "type"}, event
+
+
+@pytest.mark.parametrize(
+    ("value", "errcode"),
+    [("{not json", "M_NOT_JSON"), ("999999", "M_INVALID_PARAM"), ('["a"]', "M_INVALID_PARAM")],
+)
+async def test_a_filter_the_proxy_cannot_read_is_refused(
+    world: World, value: str, errcode: str
+) -> None:
+    w = world
+    resp = await w.alice.request("GET", f"{CS}/sync", params={"filter": value})
+    assert resp.status_code == 400, resp.text
+    assert resp.json()["errcode"] == errcode
+
+
+async def test_search_and_messages_filters_lose_their_event_fields(world: World) -> None:
+    w = world
+    await w.bob.send_text(w.room_id, "bob searchable words")
+    await w.charlie.send_text(w.room_id, "charlie searchable words")
+    room_filter = {"event_fields": ["content"], "rooms": [w.room_id]}
+    resp = await w.alice.request(
+        "POST",
+        f"{CS}/search",
+        json={"search_categories": {"room_events": {"search_term": "searchable",
+                                                     "filter": room_filter}}},
+    )  # fmt: skip
+    assert resp.status_code == 200, resp.text
+    assert "bob searchable" not in resp.text
+    assert "charlie searchable" in resp.text
+    resp = await w.alice.request(
+        "GET",
+        f"{CS}/rooms/{q(w.room_id)}/messages",
+        params={"dir": "b", "filter": json.dumps({"event_fields": ["content"]})},
+    )
+    assert resp.status_code == 200, resp.text
+    assert "bob searchable" not in resp.text
+    assert "charlie searchable" in resp.text
