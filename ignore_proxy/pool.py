@@ -59,8 +59,8 @@ _NO_BODY_STATUSES = frozenset({204, 304})
 # Safe to send again on a new connection when a reused one closed before answering.
 _RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
 _CR, _LF = 13, 10
-# Where an answer ends, as an offset into the bytes received in its exchange: unknown yet
-# (never reused), or chunked (its last bytes tell).
+# Where an answer ends, as an offset into the bytes received in its exchange, when not
+# known (never reused: a body delimited by the close) or known only at its end (chunked).
 _END_UNKNOWN = -2
 _END_CHUNKED = -1
 _DNS_TTL = 10.0
@@ -361,8 +361,6 @@ class _Connection(asyncio.Protocol):
             # 100 Continue, 103 Early Hints, ...: interim, not the answer. The next head
             # starts right after this one.
             self._informational = True
-            if end < 0:
-                self._stop("the homeserver's interim answer could not be delimited")
             self._head_start = end
             offset = end - (self._received - len(self._packet))
             if offset < len(self._packet) and self._packet[offset] in (_CR, _LF):
@@ -381,9 +379,7 @@ class _Connection(asyncio.Protocol):
             self._stop("the homeserver used a transfer coding other than chunked")
         self.keep_alive = self.parser.should_keep_alive() and not self.head_only
         response = self.response = Response(self, status, self._headers)
-        if end < 0:
-            self._end = _END_UNKNOWN
-        elif self.head_only or status in _NO_BODY_STATUSES:
+        if self.head_only or status in _NO_BODY_STATUSES:
             self._end = end  # whatever Content-Length says (RFC 9110 8.6)
         elif coding is not None:
             self._end = _END_CHUNKED
@@ -414,27 +410,28 @@ class _Connection(asyncio.Protocol):
             self.response._finish()
 
     def _head_end(self) -> int:
-        """Where the head that just ended ends, as an offset into the exchange's bytes;
-        -1 if that can't be told. llhttp wants CRLF line ends, so it is the first empty
-        line after the head's start; the head ended in this packet, but may have begun
-        in an earlier one (3 bytes of which are kept)."""
+        """Where the head that just ended ends, as an offset into the exchange's bytes.
+        llhttp wants CRLF line ends, so it is the first empty line after the head's
+        start; the head ended in this packet, but may have begun in an earlier one (3
+        bytes of which are kept)."""
         packet = self._packet
         start = self._received - len(packet)
         if self._head_start >= start:
             found = packet.find(b"\r\n\r\n", self._head_start - start)
-            return -1 if found < 0 else start + found + 4
-        window = self._tail + packet
-        offset = start - len(self._tail)
-        found = window.find(b"\r\n\r\n", max(self._head_start - offset, 0))
-        return -1 if found < 0 else offset + found + 4
+            offset = start
+        else:
+            window = self._tail + packet
+            offset = start - len(self._tail)
+            found = window.find(b"\r\n\r\n", max(self._head_start - offset, 0))
+        if found < 0:  # unreachable while llhttp wants CRLF; were it not, trust nothing
+            self._stop("the homeserver's answer could not be delimited")
+        return offset + found + 4
 
     def _ended_here(self) -> bool:
         """Whether the final answer, just complete, took the last byte received: else
         bytes followed it (empty lines, which llhttp skips silently, or the start of
         another answer), and the connection is not reused."""
         end = self._end
-        if end >= 0:
-            return end == self._received
         if end == _END_CHUNKED:
             # The last chunk and trailers end with an empty line after a non-empty one;
             # a terminator split across reads is not told apart: not reused either.
@@ -442,7 +439,7 @@ class _Connection(asyncio.Protocol):
             return (
                 len(packet) >= 5 and packet.endswith(b"\r\n\r\n") and packet[-5] not in (_CR, _LF)
             )
-        return False
+        return end == self._received  # never when unknown (negative)
 
     # Flow control, timeouts, ending
     def pause_reading(self) -> None:
