@@ -1106,3 +1106,76 @@ async def test_relay_drops_content_length_where_there_is_no_content(
             assert sent[-1] == {"type": "http.response.body", "body": b"", "more_body": False}
         finally:
             await pool.aclose()
+
+
+async def test_relay_of_an_answer_cut_mid_body_ends_without_completing_it() -> None:
+    from ignore_proxy.responses import relay
+
+    async with stand_in(lambda c, r: [answer(b"0123456789")[:-5], 0.02, RESET]) as server:
+        pool = UpstreamPool(server.url, max_connections=4, max_keepalive_connections=4)
+        try:
+            response = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+            sent: list[dict[str, object]] = []
+
+            async def send(message: dict[str, object]) -> None:
+                sent.append(message)
+
+            await asyncio.wait_for(relay(send, response), NEVER_HANG)  # type: ignore[arg-type]
+            await response.aclose()
+            # The last message still says more is to come: uvicorn cuts the connection
+            # rather than end a truncated answer as if it were whole.
+            assert sent[-1].get("more_body") is True
+            assert pool.connections == 0
+        finally:
+            await pool.aclose()
+
+
+# --- decoding stays within the limit ---------------------------------------------------
+
+
+class _Canned:
+    """An upstream answer already in memory."""
+
+    def __init__(self, headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+        self.status_code = 200
+        self.headers = headers
+        self._body = body
+        self.at_eof = False
+
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        yield self._body
+        self.at_eof = True
+
+    async def aclose(self) -> None:
+        pass
+
+
+@pytest.mark.parametrize("members", [1, 64])
+async def test_a_gzip_bomb_never_allocates_much_more_than_the_limit(members: int) -> None:
+    import tracemalloc
+
+    limit = 1024 * 1024
+    coded = bomb(256 * limit // members) * members  # 256 MiB decoded, ~256 KiB coded
+    assert len(coded) < limit
+    tracemalloc.start()
+    try:
+        with pytest.raises(BodyTooLarge):
+            await read_body(_Canned([(b"content-encoding", b"gzip")], coded), limit)
+        _, peak = tracemalloc.get_traced_memory()
+    finally:
+        tracemalloc.stop()
+    assert peak < 3 * limit, f"peak {peak} bytes"
+
+
+@pytest.mark.parametrize(
+    ("headers", "body"),
+    [
+        ([], b""),
+        ([(b"content-type", b"application/json")], b"{}"),
+        ([(b"Content-Type", b"application/json;charset=utf-8")], b"[]"),
+        ([(b"content-type", b"text/plain; format=flowed")], b'"a"'),
+        ([(b"x-other", b"charset=latin1")], b"1"),
+    ],
+)
+def test_utf8_json_passes(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
+    check_utf8_json(headers, body)
