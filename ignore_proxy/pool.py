@@ -26,12 +26,12 @@ What it keeps of what the proxy promises (tests/test_forwarding.py, tests/reliab
   before an answer are errors; interim answers (100, 103) are skipped; trailers are
   dropped; a connection that sent one byte more than its answer is never reused, so no
   stray byte is ever read as part of the next request's answer;
-- a request is sent twice only where RFC 9112 9.3.1 allows it and nginx does it: a
-  bodyless GET, HEAD or OPTIONS that went out on a reused kept-alive connection the
-  homeserver closed without a byte of answer (it closed the idle connection just as the
-  request left) goes once more on a new connection. Anything else cut under a request is
-  an error (a long-poll retried on a restarted upstream would hang instead of getting
-  its 502);
+- a request is sent twice only where RFC 9112 9.3.1 allows it (nginx, too, gives a
+  request cut on a cached connection another try): a bodyless GET, HEAD or OPTIONS that
+  went out on a reused kept-alive connection the homeserver closed without a byte of
+  answer (it closed the idle connection just as the request left) goes once more, on a
+  new connection. Anything else cut under a request is an error (a long-poll retried on
+  a restarted upstream would hang instead of getting its 502);
 - closing an answer that was not read to its end closes its connection, so the upstream
   learns at once that the client is gone.
 """
