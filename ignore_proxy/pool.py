@@ -20,10 +20,18 @@ What it keeps of what the proxy promises (tests/test_forwarding.py, tests/reliab
 - failures raise httpx's exceptions, so callers have one vocabulary: refused connection
   `ConnectError`, connect timeout `ConnectTimeout`, silence while waiting for or reading
   an answer `ReadTimeout`, no free connection within the pool timeout `PoolTimeout`,
-  a broken or garbled answer `RemoteProtocolError`;
-- no request is sent twice: a kept-alive connection cut under a request is an error,
-  never a silent retry (a long-poll retried on a restarted upstream would hang instead
-  of getting its 502);
+  a broken, garbled or oversized answer `RemoteProtocolError`;
+- framing at least as strict as nginx: a header section larger than `max_header_bytes`,
+  an unrequested protocol switch (101), a transfer coding other than `chunked`, or bytes
+  before an answer are errors; interim answers (100, 103) are skipped; trailers are
+  dropped; a connection that sent one byte more than its answer is never reused, so no
+  stray byte is ever read as part of the next request's answer;
+- a request is sent twice only where RFC 9112 9.3.1 allows it (nginx, too, gives a
+  request cut on a cached connection another try): a bodyless GET, HEAD or OPTIONS that
+  went out on a reused kept-alive connection the homeserver closed without a byte of
+  answer (it closed the idle connection just as the request left) goes once more, on a
+  new connection. Anything else cut under a request is an error (a long-poll retried on
+  a restarted upstream would hang instead of getting its 502);
 - closing an answer that was not read to its end closes its connection, so the upstream
   learns at once that the client is gone.
 """
@@ -37,7 +45,7 @@ import socket
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import cast
+from typing import NoReturn, cast
 
 import httptools
 import httpx
@@ -48,6 +56,13 @@ Body = AsyncIterable[bytes] | bytes | None
 # Reading from the upstream pauses while this much of an answer waits for the client.
 _HIGH_WATER = 64 * 1024
 _NO_BODY_STATUSES = frozenset({204, 304})
+# Safe to send again on a new connection when a reused one closed before answering.
+_RETRYABLE_METHODS = frozenset({"GET", "HEAD", "OPTIONS"})
+_CR, _LF = 13, 10
+# Where an answer ends, as an offset into the bytes received in its exchange, when not
+# known (never reused: a body delimited by the close) or known only at its end (chunked).
+_END_UNKNOWN = -2
+_END_CHUNKED = -1
 _DNS_TTL = 10.0
 
 
@@ -67,6 +82,10 @@ class Timeouts:
     read: float | None
     write: float | None
     pool: float | None
+
+
+class _Stop(Exception):
+    """Raised in a parser callback to stop parsing; the failure was recorded before."""
 
 
 class _Slots:
@@ -204,9 +223,16 @@ class _Connection(asyncio.Protocol):
         self.response: Response | None = None
         self.head_only = False  # a HEAD request: the answer has no body whatever it says
         self.keep_alive = False
-        self._status = 0
+        # The homeserver closed the connection before a byte of the answer arrived.
+        self.unanswered = False
         self._headers: RawHeaders = []
         self._informational = False
+        self._received = 0  # bytes of the exchange's answers, interim ones included
+        self._packet = b""  # the bytes being parsed
+        self._tail = b""  # the last bytes before them, while a head is incomplete
+        self._head_start = 0  # where the head being parsed begins, at the earliest
+        self._end = _END_UNKNOWN  # where the final answer ends
+        self._done = False  # the final answer has arrived whole
         self._reading_paused = False
         self._write_ready: asyncio.Future[None] | None = None
         self._last_activity = 0.0
@@ -220,42 +246,82 @@ class _Connection(asyncio.Protocol):
         self._socket_kind = (sock.family, sock.type, sock.fileno()) if sock is not None else None
 
     def dropped(self) -> bool:
-        """Whether the homeserver closed this idle connection while the event loop, busy,
-        has not heard yet: sending on it would fail. A peek at the socket tells."""
+        """Whether this idle connection must not be reused though the event loop, busy,
+        has not heard of it yet: the homeserver closed it, or sent bytes nobody asked for
+        (the rest of an answer longer than it said). A peek at the socket tells."""
         if self._socket_kind is None:
             return False
         probe = socket.socket(*self._socket_kind[:2], 0, self._socket_kind[2])
         try:
-            return probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT) == b""
+            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
         except (BlockingIOError, InterruptedError):
-            return False  # nothing to read: alive
+            return False  # nothing to read: alive and quiet
         except OSError:
             return True
+        else:
+            return True  # end of stream, or bytes out of turn
         finally:
             probe.detach()  # the transport owns the descriptor
 
+    def begin(self, head_only: bool) -> asyncio.Future[Response]:
+        """Start an exchange; the future gets the answer once its head has arrived."""
+        head = self.head = asyncio.get_running_loop().create_future()
+        self.head_only = head_only
+        self.unanswered = False
+        self._informational = False
+        self._received = 0
+        self._tail = b""
+        self._head_start = 0
+        self._end = _END_UNKNOWN
+        self._done = False
+        return head
+
     def data_received(self, data: bytes) -> None:
-        if self.head is None:
-            # Nothing was asked: an upstream that talks out of turn can't be trusted with
-            # the next request's answer.
+        if self.head is None or self._done:
+            # Nothing was asked, or the answer is whole already: an upstream that talks
+            # out of turn can't be trusted with the next request's answer.
             self.abort()
             return
+        start = self._received
+        self._received = start + len(data)
         self._last_activity = time.monotonic()
+        if self.response is None and start == self._head_start and data[0] in (_CR, _LF):
+            # llhttp skips empty lines before a status line; nginx refuses them, and so do
+            # we: they would also shift where the answer ends.
+            self._reject("the homeserver sent an empty line before its answer")
+            return
+        self._packet = data
         try:
             self.parser.feed_data(data)
-        except httptools.HttpParserError as exc:
-            self._fail(httpx.RemoteProtocolError(f"malformed answer: {exc}"))
-            self.abort()
+        except (httptools.HttpParserError, httptools.HttpParserUpgrade) as exc:
+            self._reject(f"malformed answer: {exc}")
+            return
+        finally:
+            self._packet = b""
+        if self.response is None and not self.lost:
+            # Still in the header section(s): bounded, as the headers the clients send are.
+            if self._received > self.pool.max_header_bytes:
+                self._reject("the homeserver's header section is too large")
+                return
+            self._tail = (self._tail + data)[-3:] if len(data) < 3 else data[-3:]
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
         self._cancel_timer()
         response = self.response
-        if response is not None and response._eof_delimited and not response._complete:
-            # No length and no chunking: the body ends where the connection does.
+        if (
+            exc is None
+            and response is not None
+            and response._eof_delimited
+            and not response._complete
+        ):
+            # No length and no chunking: the body ends where the connection does (cleanly:
+            # a reset is a cut, not an end).
             response._finish()
             self.keep_alive = False
         else:
+            if self.head is not None and self._received == 0:
+                self.unanswered = True
             self._fail(httpx.RemoteProtocolError("the homeserver closed the connection"))
         waiter = self._write_ready
         if waiter is not None and not waiter.done():
@@ -273,24 +339,54 @@ class _Connection(asyncio.Protocol):
 
     # httptools callbacks
     def on_message_begin(self) -> None:
+        if self._done:
+            # A second answer to one request (a 204 followed by more, say): the
+            # connection's framing can't be trusted; the answer that came whole stands.
+            self.keep_alive = False
+            raise _Stop
         self._headers = []
 
     def on_header(self, name: bytes, value: bytes) -> None:
-        self._headers.append((name, value))
+        if self.response is None:  # else a trailer: dropped, as nginx does (RFC 9110 6.5.1)
+            self._headers.append((name, value))
 
     def on_headers_complete(self) -> None:
         status = self.parser.get_status_code()
-        if 100 <= status < 200:
-            self._informational = True  # 100 Continue, 103 Early Hints: not the answer
+        end = self._head_end()
+        if end > self.pool.max_header_bytes:
+            self._stop("the homeserver's header section is too large")
+        if status < 200:
+            if status == 101:
+                self._stop("the homeserver switched protocols unasked")
+            # 100 Continue, 103 Early Hints, ...: interim, not the answer. The next head
+            # starts right after this one.
+            self._informational = True
+            self._head_start = end
+            offset = end - (self._received - len(self._packet))
+            if offset < len(self._packet) and self._packet[offset] in (_CR, _LF):
+                self._stop("the homeserver sent an empty line before its answer")
             return
+        length = coding = None
+        for name, value in self._headers:
+            lowered = name.lower()
+            if lowered == b"content-length":
+                length = value
+            elif lowered == b"transfer-encoding":
+                coding = value if coding is None else coding + b"," + value
+        if coding is not None and coding.strip().lower() != b"chunked":
+            # Another coding than chunked alone: a body the pool can't decode, or one
+            # delimited by the close; nginx refuses both.
+            self._stop("the homeserver used a transfer coding other than chunked")
         self.keep_alive = self.parser.should_keep_alive() and not self.head_only
         response = self.response = Response(self, status, self._headers)
-        response._eof_delimited = (
-            not self.head_only
-            and status not in _NO_BODY_STATUSES
-            and response.header(b"content-length") is None
-            and response.header(b"transfer-encoding") is None
-        )
+        if self.head_only or status in _NO_BODY_STATUSES:
+            self._end = end  # whatever Content-Length says (RFC 9110 8.6)
+        elif coding is not None:
+            self._end = _END_CHUNKED
+        elif length is not None:
+            self._end = end + int(length)  # llhttp let through digits only
+        else:
+            response._eof_delimited = True
         head = self.head
         if self.head_only:
             response._finish()
@@ -306,9 +402,44 @@ class _Connection(asyncio.Protocol):
         if self._informational:
             self._informational = False
             return
+        self._done = True
         self._cancel_timer()
+        if self.keep_alive and not self._ended_here():
+            self.keep_alive = False
         if self.response is not None:
             self.response._finish()
+
+    def _head_end(self) -> int:
+        """Where the head that just ended ends, as an offset into the exchange's bytes.
+        llhttp wants CRLF line ends, so it is the first empty line after the head's
+        start; the head ended in this packet, but may have begun in an earlier one (3
+        bytes of which are kept)."""
+        packet = self._packet
+        start = self._received - len(packet)
+        if self._head_start >= start:
+            found = packet.find(b"\r\n\r\n", self._head_start - start)
+            offset = start
+        else:
+            window = self._tail + packet
+            offset = start - len(self._tail)
+            found = window.find(b"\r\n\r\n", max(self._head_start - offset, 0))
+        if found < 0:  # unreachable while llhttp wants CRLF; were it not, trust nothing
+            self._stop("the homeserver's answer could not be delimited")
+        return offset + found + 4
+
+    def _ended_here(self) -> bool:
+        """Whether the final answer, just complete, took the last byte received: else
+        bytes followed it (empty lines, which llhttp skips silently, or the start of
+        another answer), and the connection is not reused."""
+        end = self._end
+        if end == _END_CHUNKED:
+            # The last chunk and trailers end with an empty line after a non-empty one;
+            # a terminator split across reads is not told apart: not reused either.
+            packet = self._packet
+            return (
+                len(packet) >= 5 and packet.endswith(b"\r\n\r\n") and packet[-5] not in (_CR, _LF)
+            )
+        return end == self._received  # never when unknown (negative)
 
     # Flow control, timeouts, ending
     def pause_reading(self) -> None:
@@ -348,6 +479,15 @@ class _Connection(asyncio.Protocol):
         if self._timer is not None:
             self._timer.cancel()
             self._timer = None
+
+    def _stop(self, message: str) -> NoReturn:
+        """From a parser callback: fail the exchange and stop parsing."""
+        self._fail(httpx.RemoteProtocolError(message))
+        raise _Stop
+
+    def _reject(self, message: str) -> None:
+        self._fail(httpx.RemoteProtocolError(message))
+        self.abort()
 
     def _fail(self, error: BaseException) -> None:
         self._cancel_timer()
@@ -393,6 +533,14 @@ class _Connection(asyncio.Protocol):
             self.abort()
         self.pool.release(self, keep)
 
+    def discard(self) -> None:
+        """Drop a connection whose exchange failed, keeping the pool slot for a retry."""
+        self._cancel_timer()
+        self.head = None
+        self.response = None
+        self.abort()
+        self.pool.forget(self)
+
     def abort(self) -> None:
         if self.transport is not None and not self.lost:
             self.lost = True
@@ -409,6 +557,7 @@ class UpstreamPool:
         max_connections: int | None,
         max_keepalive_connections: int | None,
         keepalive_expiry: float = 15.0,
+        max_header_bytes: int = 64 * 1024,
     ) -> None:
         parsed = httpx.URL(url)
         if parsed.scheme not in ("http", "https"):
@@ -424,6 +573,7 @@ class UpstreamPool:
         self._slots = _Slots(max_connections)
         self._max_idle = max_keepalive_connections
         self._keepalive_expiry = keepalive_expiry
+        self.max_header_bytes = max_header_bytes
         self._idle: collections.deque[_Connection] = collections.deque()
         self._all: set[_Connection] = set()
 
@@ -438,7 +588,22 @@ class UpstreamPool:
         await self._slots.acquire(timeouts.pool)
         connection: _Connection | None = None
         try:
-            connection = await self._connection(timeouts.connect)
+            connection, reused = await self._connection(timeouts.connect)
+            try:
+                return await self._exchange(connection, method, target, headers, body, timeouts)
+            except httpx.RemoteProtocolError:
+                if not (
+                    reused
+                    and connection.unanswered
+                    and body is None
+                    and method in _RETRYABLE_METHODS
+                ):
+                    raise
+            # The homeserver closed the idle connection as the request left: nothing was
+            # processed that a second sending could repeat (RFC 9112 9.3.1).
+            connection.discard()
+            connection = None
+            connection = await self._open(timeouts.connect)
             return await self._exchange(connection, method, target, headers, body, timeouts)
         except BaseException:
             if connection is not None:
@@ -447,7 +612,8 @@ class UpstreamPool:
                 self._slots.release()
             raise
 
-    async def _connection(self, connect_timeout: float | None) -> _Connection:
+    async def _connection(self, connect_timeout: float | None) -> tuple[_Connection, bool]:
+        """An idle connection (True) or a new one (False)."""
         idle = self._idle
         now = time.monotonic()
         while idle:
@@ -457,8 +623,12 @@ class UpstreamPool:
                 and now - connection.idle_since < self._keepalive_expiry
                 and not connection.dropped()
             ):
-                return connection
+                return connection, True
             connection.abort()
+            self._all.discard(connection)
+        return await self._open(connect_timeout), False
+
+    async def _open(self, connect_timeout: float | None) -> _Connection:
         try:
             async with asyncio.timeout(connect_timeout):
                 protocol = await self._connect()
@@ -521,8 +691,7 @@ class UpstreamPool:
     ) -> Response:
         transport = connection.transport
         assert transport is not None
-        head = connection.head = asyncio.get_running_loop().create_future()
-        connection.head_only = method == "HEAD"
+        head = connection.begin(method == "HEAD")
         chunked = False
         lines = [b"%s %s HTTP/1.1\r\n" % (method.encode(), target)]
         has_host = has_length = False

@@ -173,6 +173,7 @@ def create_pool(settings: Settings) -> UpstreamPool:
         max_connections=settings.limits.max_connections,
         max_keepalive_connections=settings.limits.max_keepalive_connections,
         keepalive_expiry=KEEPALIVE_EXPIRY,
+        max_header_bytes=settings.limits.max_header_bytes,
     )
 
 

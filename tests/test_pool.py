@@ -130,3 +130,13 @@ async def test_an_idle_connection_is_reused_only_within_the_keepalive_expiry() -
             connections.append(len(accepted))
         assert connections == [1, 1, 2]  # reused after 0.05 s idle, not after 0.5 s
         await pool.aclose()
+
+
+def test_the_pool_bounds_upstream_headers_as_configured() -> None:
+    from ignore_proxy.config import Limits, Settings
+    from ignore_proxy.upstream import create_pool
+
+    settings = Settings(upstream="http://127.0.0.1:1", limits=Limits(max_header_bytes=4096))
+    assert create_pool(settings).max_header_bytes == 4096
+    default = UpstreamPool("http://hs", max_connections=1, max_keepalive_connections=1)
+    assert default.max_header_bytes == 64 * 1024
