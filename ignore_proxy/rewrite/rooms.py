@@ -3,6 +3,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from .events import (
     DROP,
     Run,
@@ -42,12 +44,22 @@ __all__ = [
 
 
 def _rewrite_lists(
-    body: bytes, ctx: IgnoreContext, filtered: tuple[str, ...], state: tuple[str, ...] = ()
+    body: bytes,
+    ctx: IgnoreContext,
+    filtered: tuple[str, ...],
+    state: tuple[str, ...] = (),
+    single: tuple[str, ...] = (),
 ) -> Rewritten | None:
+    """Filter the event lists ``filtered``, fix those in ``state`` (nothing removed), and
+    check the events ``single``: SenderIgnored if one is an ignored sender's non-state
+    event (they stand for the whole answer), else fixed in place."""
     members = split_members(body)
     if members is not None:
         run = Run(ctx, body)
-        if not run.anything or not _edit_lists(members, run, filtered, state):
+        if not run.anything:
+            return None
+        changed = _edit_singles(members, run, single)
+        if not _edit_lists(members, run, filtered, state) and not changed:
             return None
         rendered = render(members)
         # what the edits left alone is byte for byte as it was (see ``raw.Member``);
@@ -59,11 +71,46 @@ def _rewrite_lists(
         return None
     top, run = started
     changed = False
+    for key in single:
+        changed |= edit(top, key, lambda raw: single_event(raw, run))
     for key in filtered:
         changed |= edit(top, key, lambda raw: filter_events(raw, run))
     for key in state:
         changed |= edit(top, key, lambda raw: filter_events(raw, run, keep_all=True))
     return finish(top, run, changed)
+
+
+def single_event(raw: Raw, run: Run) -> Raw | None:
+    """An event that stands for the whole answer: SenderIgnored if it is an ignored
+    sender's non-state event, else the event fixed (None if unchanged)."""
+    if not run.relevant(raw):
+        return None
+    head = head_of(raw)
+    if head is None:
+        return None
+    if run.hides(head):
+        assert head.sender is not None
+        raise SenderIgnored(head.sender)
+    return fix_event(raw, head, run)
+
+
+def _edit_singles(members: dict[str, Member], run: Run, single: tuple[str, ...]) -> bool:
+    """``single_event`` on the events of a body split in one decode (as objects of raw
+    members), in place; True if changed."""
+    changed = False
+    for key in single:
+        value = members.get(key)
+        if not isinstance(value, dict):
+            continue
+        raw = Raw(render(value))
+        new = single_event(raw, run)
+        if new is not None:
+            if not isinstance(new, Raw):  # a changed tree (see raw.encode_object)
+                new = Raw(render(new))
+            members[key] = cast(Member, new)  # a raw value renders as its bytes
+            run.shrunk += len(raw) - len(new)
+            changed = True
+    return changed
 
 
 def _edit_lists(
@@ -90,8 +137,10 @@ def rewrite_messages(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
 
 def rewrite_relations(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """``GET /rooms/{roomId}/relations/{eventId}...``: filter ``chunk``; tokens and
-    ``recursion_depth`` kept. (Whether the parent is hidden needs I/O: not done here.)"""
-    return _rewrite_lists(body, ctx, ("chunk",))
+    ``recursion_depth`` kept. SenderIgnored if ``original_event`` (the parent, which
+    Synapse's unstable variant adds) is an ignored sender's non-state event. When the
+    answer carries no parent, whether it is hidden needs I/O: not done here."""
+    return _rewrite_lists(body, ctx, ("chunk",), single=("original_event",))
 
 
 def rewrite_context(body: bytes, ctx: IgnoreContext) -> Rewritten | None:

@@ -244,14 +244,27 @@ def test_messages_property(items: list[Spec]) -> None:
 
 
 @SETTINGS
-@given(items=event_lists)
-def test_relations_property(items: list[Spec]) -> None:
-    parsed = _simple(
-        rewrite_relations,
-        lambda raw: b'{"chunk":' + raw + b',"next_batch":"n","prev_batch":"p","recursion_depth":1}',
-        lambda p: p["chunk"],
-        items,
-    )
+@given(items=event_lists, parent=st.none() | specs)
+def test_relations_property(items: list[Spec], parent: Spec | None) -> None:
+    c = Counter()
+    raw, rendered = render_list(items, c)
+    parent_raw = parent.render(c.eid()) if parent is not None else None
+    body = b'{"chunk":' + raw + b',"next_batch":"n","prev_batch":"p","recursion_depth":1'
+    if parent_raw is not None:
+        body += b',"original_event":' + parent_raw
+    body += b"}"
+    if parent is not None and parent.hidden:
+        with pytest.raises(SenderIgnored) as info:
+            rewrite_relations(body, CTX)
+        assert info.value.sender == parent.sender
+        return
+    out = rewrite_relations(body, CTX)
+    final = out.body if out is not None else body
+    parsed = json.loads(final)
+    removed = check_list(final, parsed["chunk"], rendered)
+    if parent is not None and parent_raw is not None:
+        removed += check_list(final, [parsed["original_event"]], [(parent, parent_raw)])
+    result_body(body, out, removed)
     assert (parsed["next_batch"], parsed["prev_batch"], parsed["recursion_depth"]) == ("n", "p", 1)
 
 
