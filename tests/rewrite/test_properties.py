@@ -71,6 +71,7 @@ class Spec:
     thread: str | None
     junk: int | None
     spaced: bool
+    redactor: str | None = None
 
     @property
     def hidden(self) -> bool:
@@ -79,6 +80,30 @@ class Spec:
     @property
     def thread_hidden(self) -> bool:
         return self.junk is None and self.thread in IGNORED
+
+    @property
+    def redaction_hidden(self) -> bool:
+        """Redacted by an ignored user: ``redacted_because`` becomes a stub."""
+        return self.junk is None and self.redactor in IGNORED
+
+    @property
+    def fixes(self) -> int:
+        """What the rewriters count for this event when they keep it."""
+        return int(self.thread_hidden) + int(self.redaction_hidden)
+
+    def expected(self, raw: bytes) -> Any:
+        """The event as a rewriter keeps it."""
+        out = json.loads(raw)
+        if self.thread_hidden:
+            del out["unsigned"]["m.relations"]
+        if self.redaction_hidden:
+            because = out["unsigned"]["redacted_because"]
+            out["unsigned"]["redacted_because"] = {
+                **{k: because[k] for k in ("type", "event_id", "origin_server_ts", "redacts")},
+                "sender": self.redactor,
+                "content": {"redacts": because["content"]["redacts"]},
+            }
+        return out
 
     def render(self, eid: str) -> bytes:
         if self.junk is not None:
@@ -94,13 +119,25 @@ class Spec:
         ]
         if self.state_key is not None:
             parts.append(b'"state_key":' + _enc(self.state_key))
+        unsigned = [b'"age":5']
         if self.thread is not None:
             latest = b'{"sender":' + _enc(self.thread) + b',"type":"m.room.message","content":{}}'
-            parts.append(
-                b'"unsigned":{"age":5,"m.relations":{"m.thread":{"latest_event":'
-                + latest
-                + b',"count":1}}}'
+            unsigned.append(
+                b'"m.relations":{"m.thread":{"latest_event":' + latest + b',"count":1}}'
             )
+        if self.redactor is not None:
+            redactor = _escaped(self.redactor) if self.escaped else _enc(self.redactor)
+            unsigned.append(
+                b'"redacted_because":{"type":"m.room.redaction","sender":'
+                + redactor
+                + b',"event_id":"$red","origin_server_ts":7,"redacts":'
+                + _enc(eid)
+                + b',"content":{"reason":"words of theirs","redacts":'
+                + _enc(eid)
+                + b'},"unsigned":{"age":1}}'
+            )
+        if len(unsigned) > 1:
+            parts.append(b'"unsigned":{' + b",".join(unsigned) + b"}")
         sep = b" , " if self.spaced else b","
         return b"{" + sep.join(parts) + b"}"
 
@@ -115,6 +152,7 @@ specs = st.builds(
     thread=st.none() | st.sampled_from(SENDERS),
     junk=st.none() | st.none() | st.none() | st.integers(0, len(JUNK) - 1),
     spaced=st.booleans(),
+    redactor=st.none() | st.sampled_from(SENDERS),
 )
 event_lists = st.lists(specs, max_size=6)
 
@@ -139,17 +177,10 @@ def check_list(body: bytes, out_list: Any, rendered: list[tuple[Spec, bytes]]) -
     assert isinstance(out_list, list)
     assert len(out_list) == len(kept)
     for got, (spec, raw) in zip(out_list, kept, strict=True):
-        if spec.thread_hidden:
-            assert isinstance(got, dict)
-            assert got["unsigned"] == {"age": 5}
-            original = json.loads(raw)
-            del original["unsigned"]
-            del got["unsigned"]
-            assert got == original
-        else:
-            assert got == json.loads(raw)
+        assert got == spec.expected(raw)
+        if not spec.fixes:
             assert raw in body  # byte-identical
-    return sum(s.hidden for s, _ in rendered) + sum(s.thread_hidden for s, _ in kept)
+    return sum(s.hidden for s, _ in rendered) + sum(s.fixes for s, _ in kept)
 
 
 def result_body(original: bytes, out: Rewritten | None, removed: int) -> bytes:
@@ -200,7 +231,7 @@ def test_sync_property(
     out = rewrite_sync(body, CTX)
     expected_removed = 0
     parsed_out = json.loads(out.body) if out is not None else json.loads(body)
-    state_kept_thread = sum(s.thread_hidden for s, _ in state_rendered)
+    state_kept_thread = sum(s.fixes for s, _ in state_rendered)
     for section, room_id, rendered in lists:
         room = parsed_out["rooms"][section][room_id]
         assert room["timeline"]["prev_batch"] == "pb\ud800"
@@ -321,7 +352,7 @@ def test_single_event_property(spec: Spec) -> None:
         return
     out = rewrite_single_event(raw, CTX)
     check_list(out.body if out else raw, [json.loads(out.body if out else raw)], [(spec, raw)])
-    result_body(raw, out, int(spec.thread_hidden))
+    result_body(raw, out, spec.fixes)
 
 
 @SETTINGS
