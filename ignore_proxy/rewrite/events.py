@@ -1,6 +1,5 @@
 """Events: their heads, the state test, the ignore test, invites, bundled aggregations,
-redactions by ignored users (``unsigned.redacted_because``),
-ephemeral events and the redaction algorithm.
+redactions by ignored users (``unsigned.redacted_because``) and ephemeral events.
 
 All functions take and return ``msgspec.Raw``; ``None`` means "unchanged, keep the
 input bytes". Only what a decision needs is ever decoded.
@@ -43,7 +42,6 @@ __all__ = [
     "fix_event",
     "head_of",
     "is_invite_for",
-    "redact_event",
     "redaction_stub",
 ]
 
@@ -556,91 +554,3 @@ def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:
         if head is not None and run.hides(head):
             count += 1
     return count
-
-
-# --- redaction (room versions 11 and later) ---------------------------------------------
-
-_KEEP_TOP: Final = frozenset(
-    {
-        "event_id",
-        "type",
-        "room_id",
-        "sender",
-        "state_key",
-        "hashes",
-        "signatures",
-        "depth",
-        "prev_events",
-        "auth_events",
-        "origin_server_ts",
-    }
-)
-_KEEP_CONTENT: Final[dict[str, frozenset[str]]] = {
-    "m.room.member": frozenset({"membership", "join_authorised_via_users_server"}),
-    "m.room.join_rules": frozenset({"join_rule", "allow"}),
-    "m.room.power_levels": frozenset(
-        {
-            "ban",
-            "events",
-            "events_default",
-            "invite",
-            "kick",
-            "redact",
-            "state_default",
-            "users",
-            "users_default",
-        }
-    ),
-    "m.room.history_visibility": frozenset({"history_visibility"}),
-    "m.room.redaction": frozenset({"redacts"}),
-}
-
-
-def _redact_content(content: Raw, type_: str | None) -> Raw:
-    if type_ == "m.room.create":
-        return content
-    members = split_object(content)
-    if members is None:
-        return Raw(b"{}")
-    keep = _KEEP_CONTENT.get(type_ or "", frozenset())
-    out = {k: v for k, v in members.items() if k in keep}
-    if type_ == "m.room.member" and "third_party_invite" in members:
-        invite = split_object(members["third_party_invite"])
-        if invite is not None and "signed" in invite:
-            out["third_party_invite"] = encode_object({"signed": invite["signed"]})
-    return encode_object(out)
-
-
-def redact_event(raw: Raw, head: Head, run: Run) -> Raw:
-    """The event as the redaction algorithm leaves it, keeping only the thread summary
-    in ``unsigned`` (without it, if its latest reply is hidden too)."""
-    members = split_object(raw)
-    if members is None:  # pragma: no cover - head_of succeeded, so it is an object
-        return raw
-    out: dict[str, Raw] = {}
-    for key, value in members.items():
-        if key in _KEEP_TOP:
-            out[key] = value
-        elif key == "content":
-            out[key] = _redact_content(value, head.type)
-    if "content" not in out:
-        out["content"] = Raw(b"{}")
-    thread = _thread_summary(head.unsigned)
-    if thread is not None:
-        if _thread_is_hidden(thread, run):
-            run.removed += 1
-        else:
-            out["unsigned"] = encode_object({"m.relations": encode_object({"m.thread": thread})})
-    return encode_object(out)
-
-
-def _thread_summary(unsigned: Raw) -> Raw | None:
-    if not len(unsigned):
-        return None
-    members = split_object(unsigned)
-    if members is None or "m.relations" not in members:
-        return None
-    relations = split_object(members["m.relations"])
-    if relations is None:
-        return None
-    return relations.get("m.thread")
