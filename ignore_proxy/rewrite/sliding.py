@@ -72,22 +72,42 @@ def _ephemeral_rooms(raw: Raw, run: Run, typing: bool) -> Raw | None:
     return edit_members(raw, run, lambda _, event: one(event, run))
 
 
+def _sticky_rooms(raw: Raw, run: Run) -> Raw | None:
+    """``{roomId: {"events": [...]}}`` of sticky events, filtered as timelines."""
+
+    def room(room_id: str, room_raw: Raw) -> Raw | None:
+        run.room_id = room_id
+        return edit_in(room_raw, "events", lambda events: filter_events(events, run))
+
+    return edit_members(raw, run, room)
+
+
+_STICKY_EXTENSIONS = ("org.matrix.msc4354.sticky_events", "sticky_events")
+"""MSC4354's sliding sync extension: its unstable name, and the stable one to come."""
+
+
 def _extensions(raw: Raw, run: Run) -> Raw | None:
     if not run.relevant(raw):
         return None
     extensions = split_object(raw)
     if extensions is None:
         return None
-    changed = edit(
-        extensions,
-        "typing",
-        lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=True)),
-    )
-    changed |= edit(
-        extensions,
-        "receipts",
-        lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=False)),
-    )
+    changed = False
+    if run.ctx.filter_ephemeral:
+        changed |= edit(
+            extensions,
+            "typing",
+            lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=True)),
+        )
+        changed |= edit(
+            extensions,
+            "receipts",
+            lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=False)),
+        )
+    for key in _STICKY_EXTENSIONS:
+        changed |= edit(
+            extensions, key, lambda ext: edit_in(ext, "rooms", lambda r: _sticky_rooms(r, run))
+        )
     return encode_object(extensions) if changed else None
 
 
@@ -98,15 +118,16 @@ def rewrite_sliding_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     ``rooms.*.timeline``: drop ignored senders' non-state events, lowering ``num_live``
     by those removed among the last ``num_live``; ``required_state`` kept; rooms whose
     ``invite_state`` / ``stripped_state`` holds an invite by an ignored user are dropped
-    (``lists`` counts are left alone). If ``ctx.filter_ephemeral``:
-    ``extensions.typing.rooms.*`` and ``extensions.receipts.rooms.*`` without ignored
-    users. ``extensions.account_data`` and everything else untouched.
+    (``lists`` counts are left alone). MSC4354 sticky events,
+    ``extensions."org.matrix.msc4354.sticky_events".rooms.*.events``, filtered as
+    timelines. If ``ctx.filter_ephemeral``: ``extensions.typing.rooms.*`` and
+    ``extensions.receipts.rooms.*`` without ignored users. ``extensions.account_data``
+    and everything else untouched.
     """
     started = start(body, ctx)
     if started is None:
         return None
     top, run = started
     changed = edit(top, "rooms", lambda raw: _rooms(raw, run))
-    if ctx.filter_ephemeral:
-        changed |= edit(top, "extensions", lambda raw: _extensions(raw, run))
+    changed |= edit(top, "extensions", lambda raw: _extensions(raw, run))
     return finish(top, run, changed)

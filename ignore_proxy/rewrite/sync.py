@@ -72,7 +72,15 @@ def _room_sections(sections: dict[str, dict[str, Raw]], run: Run, *, joined: boo
     return changed
 
 
-_SECTIONS = (("timeline", False), ("state", True), ("state_after", True), ("ephemeral", True))
+_SECTIONS = (
+    ("timeline", False),
+    ("state", True),
+    ("state_after", True),
+    ("ephemeral", True),
+    # MSC4354 sticky events (unstable name, then the stable one): filtered as the timeline
+    ("msc4354_sticky", False),
+    ("sticky", False),
+)
 
 
 def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
@@ -84,6 +92,8 @@ def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     changed |= _section_events(room, "state_after", run, keep_all=True)
     if joined and run.ctx.filter_ephemeral:
         changed |= _section_events(room, "ephemeral", run, keep_all=True, ephemeral=True)
+    changed |= _section_events(room, "msc4354_sticky", run)
+    changed |= _section_events(room, "sticky", run)
     return encode_object(room) if changed else None
 
 
@@ -316,7 +326,9 @@ def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Filter a ``/sync`` response.
 
-    ``rooms.{join,leave}.*.timeline.events``: drop ignored senders' non-state events.
+    ``rooms.{join,leave}.*.timeline.events`` and MSC4354 sticky events
+    (``msc4354_sticky.events``, stable ``sticky.events``): drop ignored senders'
+    non-state events.
     ``rooms.invite.*``: drop rooms the user was invited to by an ignored user.
     ``rooms.join.*.ephemeral.events`` (if ``ctx.filter_ephemeral``): ignored users out of
     ``m.typing`` and ``m.receipt``. Bundled thread summaries everywhere. Everything else,

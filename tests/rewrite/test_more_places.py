@@ -205,3 +205,40 @@ def test_redaction_by_unignored_or_of_ignored_event() -> None:
     out = rewrite_messages(dumps({"chunk": [_redacted(SPAM, SPAM), event(ALICE)]}), CTX)
     assert out is not None and out.removed == 1
     assert len(ids(loads(out.body)["chunk"])) == 1
+
+
+# --- MSC4354 sticky events ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("key", ["msc4354_sticky", "sticky"])
+@pytest.mark.parametrize("spaced", [False, True])
+def test_sync_sticky_events(key: str, spaced: bool) -> None:
+    keep, drop, st = event(ALICE), event(SPAM), state(TROLL)
+    body_obj = sync_body({"!a:x": [event(BOB)]})
+    body_obj["rooms"]["join"]["!a:x"][key] = {"events": [drop, keep, st]}
+    body = dumps(body_obj)
+    if spaced:
+        body = body.replace(b'"join":', b'"join": ', 1)
+    out = rewrite_sync(body, CTX)
+    assert out is not None and out.removed == 1
+    assert loads(out.body)["rooms"]["join"]["!a:x"][key] == {"events": [keep, st]}
+
+
+@pytest.mark.parametrize("ephemeral", [True, False])
+def test_sliding_sync_sticky_extension(ephemeral: bool) -> None:
+    keep, drop = event(ALICE, unsigned=thread_unsigned(TROLL)), event(SPAM)
+    del keep["room_id"]  # as sliding sync sends events: the stale thread is named by the key
+    ext = {
+        "org.matrix.msc4354.sticky_events": {
+            "next_batch": "s1",
+            "rooms": {"!a:x": {"events": [drop, keep]}, "!b:x": {"events": [event(BOB)]}},
+        }
+    }
+    ctx = IgnoreContext(IGNORED, ME, filter_ephemeral=ephemeral)
+    out = rewrite_sliding_sync(dumps({"pos": "p", "extensions": ext}), ctx)
+    assert out is not None and out.removed == 2
+    got = loads(out.body)["extensions"]["org.matrix.msc4354.sticky_events"]
+    assert got["next_batch"] == "s1"
+    assert got["rooms"]["!a:x"] == {"events": [{**keep, "unsigned": {"age": 1234}}]}
+    assert got["rooms"]["!b:x"] == ext["org.matrix.msc4354.sticky_events"]["rooms"]["!b:x"]
+    assert [(t.room_id, t.root_id) for t in out.stale_threads] == [("!a:x", keep["event_id"])]

@@ -200,26 +200,35 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
     join=st.lists(event_lists, max_size=3),
     leave=st.lists(event_lists, max_size=2),
     room_state=event_lists,
+    sticky=event_lists,
 )
 def test_sync_property(
-    join: list[list[Spec]], leave: list[list[Spec]], room_state: list[Spec]
+    join: list[list[Spec]], leave: list[list[Spec]], room_state: list[Spec], sticky: list[Spec]
 ) -> None:
     c = Counter()
     state_raw, state_rendered = render_list([s for s in room_state if s.state_key is not None], c)
     rooms: dict[str, list[bytes]] = {"join": [], "leave": []}
     lists: list[tuple[str, str, list[tuple[Spec, bytes]]]] = []
+    sticky_lists: list[tuple[str, list[tuple[Spec, bytes]]]] = []
     for section, groups in (("join", join), ("leave", leave)):
         for i, items in enumerate(groups):
             raw, rendered = render_list(items, c)
             room_id = f"!{section}{i}:x"
             lists.append((section, room_id, rendered))
+            sticky_part = b""
+            if section == "join":
+                sticky_raw, sticky_rendered = render_list(sticky, c)
+                sticky_lists.append((room_id, sticky_rendered))
+                sticky_part = b',"msc4354_sticky":{"events":' + sticky_raw + b"}"
             rooms[section].append(
                 _enc(room_id)
                 + b':{"timeline":{"events":'
                 + raw
                 + b',"limited":true,"prev_batch":"pb\\ud800"},"state":{"events":'
                 + state_raw
-                + b"}}"
+                + b"}"
+                + sticky_part
+                + b"}"
             )
     body = (
         b'{"next_batch":"nb_1","rooms":{"join":{'
@@ -241,6 +250,9 @@ def test_sync_property(
         )
         check_list(out.body if out else body, room["state"]["events"], state_rendered)
         expected_removed += state_kept_thread
+    for room_id, rendered in sticky_lists:
+        events = parsed_out["rooms"]["join"][room_id]["msc4354_sticky"]["events"]
+        expected_removed += check_list(out.body if out else body, events, rendered)
     result_body(body, out, expected_removed)
     assert parsed_out["next_batch"] == "nb_1"
     assert parsed_out["presence"] == json.loads(body)["presence"]
@@ -469,8 +481,8 @@ def test_room_initial_sync_property(items: list[Spec]) -> None:
 
 
 @SETTINGS
-@given(rooms=st.lists(event_lists, max_size=3), num_live=st.integers(0, 7))
-def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int) -> None:
+@given(rooms=st.lists(event_lists, max_size=3), num_live=st.integers(0, 7), sticky=event_lists)
+def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int, sticky: list[Spec]) -> None:
     c = Counter()
     parts, rendered_all = [], []
     for i, items in enumerate(rooms):
@@ -485,7 +497,15 @@ def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int) -> None:
             + str(num_live).encode()
             + b',"prev_batch":"pb","required_state":[]}'
         )
-    body = b'{"pos":"p","rooms":{' + b",".join(parts) + b'},"extensions":{}}'
+    sticky_raw, sticky_rendered = render_list(sticky, c)
+    body = (
+        b'{"pos":"p","rooms":{'
+        + b",".join(parts)
+        + b'},"extensions":{"org.matrix.msc4354.sticky_events":{"next_batch":"sb","rooms":'
+        + b'{"!r0:x":{"events":'
+        + sticky_raw
+        + b"}}}}}"
+    )
     out = rewrite_sliding_sync(body, CTX)
     final = out.body if out is not None else body
     parsed = json.loads(final)
@@ -496,5 +516,8 @@ def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int) -> None:
         live = rendered[-num_live:] if num_live else []
         assert room["num_live"] == num_live - sum(s.hidden for s, _ in live)
         assert room["prev_batch"] == "pb"
+    extension = parsed["extensions"]["org.matrix.msc4354.sticky_events"]
+    removed += check_list(final, extension["rooms"]["!r0:x"]["events"], sticky_rendered)
+    assert extension["next_batch"] == "sb"
     result_body(body, out, removed)
     assert parsed["pos"] == "p"
