@@ -42,6 +42,7 @@ __all__ = [
     "fix_event",
     "head_of",
     "is_invite_for",
+    "is_membership_of",
     "redaction_stub",
 ]
 
@@ -125,14 +126,14 @@ def _membership(content: Raw) -> Any:
         return value.get("membership") if isinstance(value, dict) else None
 
 
+def is_membership_of(head: Head, user_id: str) -> bool:
+    """Is this an ``m.room.member`` event of ``user_id``?"""
+    return head.type == "m.room.member" and head.is_state and _string(head.state_key) == user_id
+
+
 def is_invite_for(head: Head, user_id: str) -> bool:
     """Is this the ``m.room.member`` event inviting ``user_id``?"""
-    return (
-        head.type == "m.room.member"
-        and head.is_state
-        and _string(head.state_key) == user_id
-        and _membership(head.content) == "invite"
-    )
+    return is_membership_of(head, user_id) and _membership(head.content) == "invite"
 
 
 class Run:

@@ -13,7 +13,7 @@ from .events import (
 )
 from .nogc import without_gc
 from .raw import Raw, decode_value, encode_object, split_object
-from .sync import invite_is_hidden
+from .sync import membership_is_hidden_invite
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
@@ -50,7 +50,7 @@ def _invite_hidden(raw: Raw, run: Run) -> bool:
     room = split_object(raw)
     if room is None:
         return False
-    return any(key in room and invite_is_hidden(room[key], run) for key in _INVITE_KEYS)
+    return any(key in room and membership_is_hidden_invite(room[key], run) for key in _INVITE_KEYS)
 
 
 def _rooms(raw: Raw, run: Run) -> Raw | None:
@@ -117,8 +117,9 @@ def rewrite_sliding_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
 
     ``rooms.*.timeline``: drop ignored senders' non-state events, lowering ``num_live``
     by those removed among the last ``num_live``; ``required_state`` kept; rooms whose
-    ``invite_state`` / ``stripped_state`` holds an invite by an ignored user are dropped
-    (``lists`` counts are left alone). MSC4354 sticky events,
+    ``stripped_state`` (formerly ``invite_state``) shows the user invited by an ignored
+    user are dropped, not knocks or rejections (see ``sync.membership_is_hidden_invite``;
+    ``lists`` counts are left alone). MSC4354 sticky events,
     ``extensions."org.matrix.msc4354.sticky_events".rooms.*.events``, filtered as
     timelines. If ``ctx.filter_ephemeral``: ``extensions.typing.rooms.*`` and
     ``extensions.receipts.rooms.*`` without ignored users. ``extensions.account_data``

@@ -9,7 +9,14 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
-from .events import Run, edit_items_at, event_filter, filter_events, head_of
+from .events import (
+    Run,
+    edit_items_at,
+    event_filter,
+    filter_events,
+    head_of,
+    is_membership_of,
+)
 from .nogc import without_gc
 from .raw import (
     EMPTY,
@@ -27,7 +34,7 @@ from .raw import (
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
-__all__ = ["invite_is_hidden", "rewrite_sync"]
+__all__ = ["invite_is_hidden", "membership_is_hidden_invite", "rewrite_sync"]
 
 
 def _section_events(
@@ -218,6 +225,26 @@ def invite_is_hidden(events: Raw, run: Run) -> bool:
         return False
     items = split_array(events)
     return items is not None and _invite_in(items, run)
+
+
+def membership_is_hidden_invite(events: Raw, run: Run) -> bool:
+    """Is the user's membership in this stripped state an invite by an ignored user?
+
+    Sliding sync sends stripped state for knocks and rejected invites too, and there it
+    can still hold the earlier invite (Synapse sends the stripped state that came with
+    the invite or knock, then the user's membership event, last). So only the last
+    ``m.room.member`` of the user counts: a knock, or a rejection of an ignored user's
+    invite, is kept."""
+    if not run.relevant(events):
+        return False
+    items = split_array(events)
+    if items is None:
+        return False
+    for item in reversed(items):
+        head = head_of(item)
+        if head is not None and is_membership_of(head, run.ctx.user_id):
+            return run.hides_invite(head)
+    return False
 
 
 def _invite_in(items: list[Raw], run: Run) -> bool:

@@ -242,3 +242,33 @@ def test_sliding_sync_sticky_extension(ephemeral: bool) -> None:
     assert got["rooms"]["!a:x"] == {"events": [{**keep, "unsigned": {"age": 1234}}]}
     assert got["rooms"]["!b:x"] == ext["org.matrix.msc4354.sticky_events"]["rooms"]["!b:x"]
     assert [(t.room_id, t.root_id) for t in out.stale_threads] == [("!a:x", keep["event_id"])]
+
+
+# --- sliding sync stripped_state ---------------------------------------------------------
+
+
+def _stripped(*members: tuple[str, str]) -> list[dict[str, Any]]:
+    """Stripped state: a room name, then ``(sender, membership)`` events of the user."""
+    name = {"type": "m.room.name", "sender": ALICE, "state_key": "", "content": {"name": "R"}}
+    return [name] + [
+        {"type": "m.room.member", "sender": sender, "state_key": ME,
+         "content": {"membership": membership}}
+        for sender, membership in members
+    ]  # fmt: skip
+
+
+def test_sliding_stripped_state_only_invites_by_ignored_users_dropped() -> None:
+    rooms = {
+        "!invite:x": {"stripped_state": _stripped((SPAM, "invite"), (SPAM, "invite"))},
+        "!old:x": {"invite_state": _stripped((TROLL, "invite"))},
+        "!knock:x": {"stripped_state": _stripped((SPAM, "invite"), (ME, "knock"))},
+        "!rejected:x": {"stripped_state": _stripped((SPAM, "invite"), (ME, "leave"))},
+        "!alice:x": {"stripped_state": _stripped((ALICE, "invite"))},
+        "!other:x": {"stripped_state": [*_stripped((ME, "knock")), state(SPAM)]},
+    }
+    out = rewrite_sliding_sync(dumps({"pos": "p", "rooms": rooms}), CTX)
+    assert out is not None and out.removed == 2
+    assert set(out.hidden_invites) == {"!invite:x", "!old:x"}
+    kept = loads(out.body)["rooms"]
+    assert list(kept) == ["!knock:x", "!rejected:x", "!alice:x", "!other:x"]
+    assert kept == {k: v for k, v in rooms.items() if k in kept}
