@@ -13,6 +13,7 @@ from .account_data import (
     ignored_users_from_sync,
 )
 from .errors import SENDER_IGNORED_CODES, UpstreamSenderIgnored, normalise_sender_ignored
+from .guard import IgnoredEventLeft, remove_ignored_events
 from .notifications import rewrite_notifications
 from .rooms import (
     rewrite_context,
@@ -35,6 +36,7 @@ __all__ = [
     "MSC4406_FEATURE",
     "SENDER_IGNORED_CODES",
     "IgnoreContext",
+    "IgnoredEventLeft",
     "InvalidBody",
     "Rewriter",
     "Rewritten",
@@ -47,6 +49,7 @@ __all__ = [
     "ignored_users_from_sync",
     "mentions_any",
     "normalise_sender_ignored",
+    "remove_ignored_events",
     "rewrite_context",
     "rewrite_events_stream",
     "rewrite_initial_sync",
