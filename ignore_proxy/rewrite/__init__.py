@@ -17,6 +17,7 @@ from .guard import IgnoredEventLeft, remove_ignored_events
 from .notifications import rewrite_notifications
 from .rooms import (
     rewrite_context,
+    rewrite_event_relationships,
     rewrite_events_stream,
     rewrite_initial_sync,
     rewrite_messages,
@@ -51,6 +52,7 @@ __all__ = [
     "normalise_sender_ignored",
     "remove_ignored_events",
     "rewrite_context",
+    "rewrite_event_relationships",
     "rewrite_events_stream",
     "rewrite_initial_sync",
     "rewrite_messages",

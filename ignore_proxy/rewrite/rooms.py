@@ -1,5 +1,6 @@
 """Room history endpoints: ``/messages``, ``/context``, single events, ``/relations``,
-``/threads``, the legacy ``/events`` stream and both ``/initialSync``.
+``/threads``, the legacy ``/events`` stream, both ``/initialSync`` and MSC2836
+``/event_relationships``.
 
 ``/threads`` roots sent by an ignored user are dropped from ``chunk``, as Synapse does,
 rather than served redacted as the spec's threading module says. A faithful redaction can
@@ -41,6 +42,7 @@ from .walk import edit, edit_in, finish, start
 
 __all__ = [
     "rewrite_context",
+    "rewrite_event_relationships",
     "rewrite_events_stream",
     "rewrite_initial_sync",
     "rewrite_messages",
@@ -149,6 +151,13 @@ def rewrite_relations(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     Synapse's unstable variant adds) is an ignored sender's non-state event. When the
     answer carries no parent, whether it is hidden needs I/O: not done here."""
     return _rewrite_lists(body, ctx, ("chunk",), single=("original_event",))
+
+
+def rewrite_event_relationships(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """Dendrite's MSC2836 ``POST /_matrix/client/unstable/event_relationships``: filter
+    ``events`` (whole events: the one asked about, its ancestors and children);
+    ``next_batch`` and ``limited`` kept."""
+    return _rewrite_lists(body, ctx, ("events",))
 
 
 def rewrite_context(body: bytes, ctx: IgnoreContext) -> Rewritten | None:

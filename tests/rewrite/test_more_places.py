@@ -12,6 +12,7 @@ from ignore_proxy.rewrite import (
     IgnoreContext,
     SenderIgnored,
     rewrite_context,
+    rewrite_event_relationships,
     rewrite_messages,
     rewrite_notifications,
     rewrite_relations,
@@ -272,3 +273,20 @@ def test_sliding_stripped_state_only_invites_by_ignored_users_dropped() -> None:
     kept = loads(out.body)["rooms"]
     assert list(kept) == ["!knock:x", "!rejected:x", "!alice:x", "!other:x"]
     assert kept == {k: v for k, v in rooms.items() if k in kept}
+
+
+# --- MSC2836 /event_relationships (Dendrite) ---------------------------------------------
+
+
+@pytest.mark.parametrize("spaced", [False, True])
+def test_event_relationships(spaced: bool) -> None:
+    keep, drop, st = event(ALICE), event(SPAM), state(TROLL)
+    redacted = _redacted(BOB, TROLL)
+    body_obj = {"events": [keep, drop, st, redacted], "next_batch": "nb", "limited": True}
+    body = dumps(body_obj)
+    if spaced:
+        body = body.replace(b'"events":', b'"events": ', 1)
+    out = rewrite_event_relationships(body, CTX)
+    assert out is not None and out.removed == 2
+    assert loads(out.body) == {**body_obj, "events": [keep, st, _stubbed(redacted)]}
+    assert rewrite_event_relationships(dumps({"events": [keep], "limited": False}), CTX) is None

@@ -22,6 +22,7 @@ from ignore_proxy.rewrite import (
     Rewritten,
     SenderIgnored,
     rewrite_context,
+    rewrite_event_relationships,
     rewrite_events_stream,
     rewrite_initial_sync,
     rewrite_messages,
@@ -309,6 +310,18 @@ def test_relations_property(items: list[Spec], parent: Spec | None) -> None:
         removed += check_list(final, [parsed["original_event"]], [(parent, parent_raw)])
     result_body(body, out, removed)
     assert (parsed["next_batch"], parsed["prev_batch"], parsed["recursion_depth"]) == ("n", "p", 1)
+
+
+@SETTINGS
+@given(items=event_lists)
+def test_event_relationships_property(items: list[Spec]) -> None:
+    parsed = _simple(
+        rewrite_event_relationships,
+        lambda raw: b'{"events":' + raw + b',"next_batch":"n\\u0040","limited":true}',
+        lambda p: p["events"],
+        items,
+    )
+    assert (parsed["next_batch"], parsed["limited"]) == ("n@", True)
 
 
 @SETTINGS
