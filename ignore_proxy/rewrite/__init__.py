@@ -13,7 +13,7 @@ from .account_data import (
     ignored_users_from_sync,
 )
 from .errors import SENDER_IGNORED_CODES, UpstreamSenderIgnored, normalise_sender_ignored
-from .guard import IgnoredEventLeft, remove_ignored_events
+from .guard import IgnoredEventLeft, guard_body, remove_ignored_events
 from .notifications import rewrite_notifications
 from .rooms import (
     rewrite_context,
@@ -45,6 +45,7 @@ __all__ = [
     "StaleThread",
     "UpstreamSenderIgnored",
     "add_msc4406_feature",
+    "guard_body",
     "ignored_users_from_content",
     "ignored_users_from_sliding_sync",
     "ignored_users_from_sync",

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import json
 from typing import Any
 
 import pytest
@@ -12,10 +13,11 @@ from hypothesis import strategies as st
 from ignore_proxy.rewrite.guard import (
     IgnoredEventLeft,
     find_ignored_events,
+    guard_body,
     json_pointer,
     remove_ignored_events,
 )
-from tests.rewrite.factories import ALICE, BOB, IGNORED, SPAM, TROLL
+from tests.rewrite.factories import ALICE, BOB, CTX, IGNORED, SPAM, TROLL
 from tests.rewrite.test_properties import SETTINGS
 
 
@@ -140,9 +142,16 @@ def test_generated_answers(tree: Any, data: st.DataObject) -> None:
             where[f"ins{n}"] = event
             inserted_in_objects.append(event)
     before = copy.deepcopy(root)
+    separators = data.draw(st.sampled_from([(",", ":"), (", ", ": ")]))
+    body = json.dumps(root, separators=separators, ensure_ascii=False).encode()
+    if data.draw(st.booleans()):  # escaped spellings of the IDs
+        body = body.replace(b"@", b"\\u0040")
     if inserted_in_objects:
         with pytest.raises(IgnoredEventLeft) as info:
             remove_ignored_events(root, IGNORED)
+        assert any(_at(root, info.value.path) is e for e in inserted_in_objects)
+        with pytest.raises(IgnoredEventLeft) as info:
+            guard_body(body, CTX)
         assert any(_at(root, info.value.path) is e for e in inserted_in_objects)
     else:
         out, removed = remove_ignored_events(root, IGNORED)
@@ -150,4 +159,32 @@ def test_generated_answers(tree: Any, data: st.DataObject) -> None:
         assert out == expected
         if not removed:
             assert out is root
+        raw_out = guard_body(body, CTX)
+        if removed:
+            assert raw_out is not None and raw_out.removed == removed
+            assert json.loads(raw_out.body) == expected
+        else:
+            assert raw_out is None
     assert root == before
+
+
+def test_guard_body_splices_untouched_parts() -> None:
+    kept = b'{"event_id":"$k", "sender":"@alice:example.org","type":"t","content":{"x":1.50}}'
+    body = (
+        b'{"a": [' + kept + b', {"event_id":"$i","sender":"@spam:evil.example","type":"t"}],'
+        b' "b": "\\u0040troll:evil.example"}'
+    )
+    out = guard_body(body, CTX)
+    assert out is not None and out.removed == 1
+    assert out.body == b'{"a":[' + kept + b'],"b":"\\u0040troll:evil.example"}'
+    assert guard_body(b'{"a": 1}', CTX) is None
+    assert guard_body(b"not json @spam:evil.example", CTX) is None
+    with pytest.raises(IgnoredEventLeft):
+        guard_body(json.dumps(_ignored_event(1)).encode(), CTX)
+    deep = b"[" * 900 + json.dumps(_ignored_event(1)).encode() + b"]" * 900
+    out = guard_body(deep, CTX)  # deeper than its own recursion: the decoded walk
+    assert out is not None and out.removed == 1
+    assert out.body == b"[" * 900 + b"]" * 900
+    too_deep = b'{"a":' + b"[" * 3000 + b'"@spam:evil.example"' + b"]" * 3000 + b"}"
+    with pytest.raises(IgnoredEventLeft):  # unreadable, and it mentions an ignored user
+        guard_body(too_deep, CTX)
