@@ -21,6 +21,7 @@ from ignore_proxy.rewrite import (
     IgnoreContext,
     Rewritten,
     SenderIgnored,
+    guard_body,
     rewrite_context,
     rewrite_event_relationships,
     rewrite_events_stream,
@@ -187,10 +188,13 @@ def check_list(body: bytes, out_list: Any, rendered: list[tuple[Spec, bytes]]) -
 def result_body(original: bytes, out: Rewritten | None, removed: int) -> bytes:
     if removed == 0:
         assert out is None
-        return original
-    assert out is not None
-    assert out.removed == removed
-    return out.body
+        final = original
+    else:
+        assert out is not None
+        assert out.removed == removed
+        final = out.body
+    assert guard_body(final, CTX) is None  # the last line of defence finds nothing left
+    return final
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
