@@ -13,9 +13,11 @@ from .account_data import (
     ignored_users_from_sync,
 )
 from .errors import SENDER_IGNORED_CODES, UpstreamSenderIgnored, normalise_sender_ignored
+from .guard import IgnoredEventLeft, guard_body, remove_ignored_events
 from .notifications import rewrite_notifications
 from .rooms import (
     rewrite_context,
+    rewrite_event_relationships,
     rewrite_events_stream,
     rewrite_initial_sync,
     rewrite_messages,
@@ -35,6 +37,7 @@ __all__ = [
     "MSC4406_FEATURE",
     "SENDER_IGNORED_CODES",
     "IgnoreContext",
+    "IgnoredEventLeft",
     "InvalidBody",
     "Rewriter",
     "Rewritten",
@@ -42,12 +45,15 @@ __all__ = [
     "StaleThread",
     "UpstreamSenderIgnored",
     "add_msc4406_feature",
+    "guard_body",
     "ignored_users_from_content",
     "ignored_users_from_sliding_sync",
     "ignored_users_from_sync",
     "mentions_any",
     "normalise_sender_ignored",
+    "remove_ignored_events",
     "rewrite_context",
+    "rewrite_event_relationships",
     "rewrite_events_stream",
     "rewrite_initial_sync",
     "rewrite_messages",

@@ -1,5 +1,5 @@
 """Events: their heads, the state test, the ignore test, invites, bundled aggregations,
-ephemeral events and the redaction algorithm.
+redactions by ignored users (``unsigned.redacted_because``) and ephemeral events.
 
 All functions take and return ``msgspec.Raw``; ``None`` means "unchanged, keep the
 input bytes". Only what a decision needs is ever decoded.
@@ -42,7 +42,8 @@ __all__ = [
     "fix_event",
     "head_of",
     "is_invite_for",
-    "redact_event",
+    "is_membership_of",
+    "redaction_stub",
 ]
 
 DROP: Final = Raw(b"null")
@@ -125,14 +126,14 @@ def _membership(content: Raw) -> Any:
         return value.get("membership") if isinstance(value, dict) else None
 
 
+def is_membership_of(head: Head, user_id: str) -> bool:
+    """Is this an ``m.room.member`` event of ``user_id``?"""
+    return head.type == "m.room.member" and head.is_state and _string(head.state_key) == user_id
+
+
 def is_invite_for(head: Head, user_id: str) -> bool:
     """Is this the ``m.room.member`` event inviting ``user_id``?"""
-    return (
-        head.type == "m.room.member"
-        and head.is_state
-        and _string(head.state_key) == user_id
-        and _membership(head.content) == "invite"
-    )
+    return is_membership_of(head, user_id) and _membership(head.content) == "invite"
 
 
 class Run:
@@ -313,39 +314,118 @@ def _thread_is_hidden(thread: Raw, run: Run) -> bool:
 
 
 def fix_unsigned(unsigned: Raw, run: Run, head: Head | None = None) -> Raw | None:
-    """Fix ``m.relations.m.thread`` if its ``latest_event`` is hidden.
-
-    The previous un-ignored reply is not in the body: the summary is replaced by the one
-    in ``run.ctx.thread_summaries`` for this root, or else removed and reported in
-    ``run.stale_threads`` so that the proxy can look it up and rewrite again.
-    """
+    """``unsigned`` without an ignored user's words: ``redacted_because`` by an ignored
+    user cut down to a stub (see ``redaction_stub``), and ``m.relations.m.thread`` fixed
+    (see ``_fix_thread``). None if unchanged."""
     if not len(unsigned) or not run.relevant(unsigned):
         return None
     members = split_object(unsigned)
-    if members is None or "m.relations" not in members:
+    if members is None:
         return None
-    relations = split_object(members["m.relations"])
+    changed = _fix_redacted_because(members, run)
+    changed |= _fix_thread(members, run, head)
+    return encode_object(members) if changed else None
+
+
+_STUB_TOP: Final = frozenset(
+    {"type", "event_id", "origin_server_ts", "redacts", "sender", "room_id"}
+)
+_STUB_KEYS: Final = _STUB_TOP | {"content"}
+
+
+def redaction_stub(raw: Raw) -> Raw | None:
+    """A redaction event cut down to the fact that it happened: ``type``, ``event_id``,
+    ``origin_server_ts``, ``redacts`` (top level and in ``content``), ``sender`` and
+    ``room_id``; its ``reason`` and everything else dropped. None if it is that already
+    (or not an object).
+
+    ``sender`` stays: ``redacted_because`` is a whole client event for clients, and
+    ``sender`` is one of its required members (as ``content`` is, so it stays, empty if
+    need be). It tells the user no more than their own ignore list does: that someone
+    they ignore redacted the event. ``room_id`` is the room of the event it sits in."""
+    members = split_object(raw)
+    if members is None:
+        return None
+    content = split_object(members["content"]) if "content" in members else None
+    kept = {} if content is None else {k: v for k, v in content.items() if k == "redacts"}
+    if content is not None and len(kept) == len(content) and set(members) <= _STUB_KEYS:
+        return None
+    out: dict[str, Raw] = {k: v for k, v in members.items() if k in _STUB_TOP}
+    out["content"] = encode_object(kept)
+    return encode_object(out)
+
+
+def _fix_redacted_because(unsigned: dict[str, Raw], run: Run) -> bool:
+    """A redaction by an ignored user stays visible as a fact (the event is redacted:
+    clients show it deleted) but keeps none of their words."""
+    because = unsigned.get("redacted_because")
+    if because is None or not run.relevant(because):
+        return False
+    head = head_of(because)
+    if head is None or head.sender is None or head.sender not in run.ignored:
+        return False
+    stub = redaction_stub(because)
+    if stub is None:
+        return False
+    unsigned["redacted_because"] = stub
+    run.removed += 1
+    return True
+
+
+def _fix_thread(unsigned: dict[str, Raw], run: Run, head: Head | None) -> bool:
+    """Fix ``m.relations.m.thread``: if its ``latest_event`` is hidden, the previous
+    un-ignored reply is not in the body: the summary is replaced by the one in
+    ``run.ctx.thread_summaries`` for this root, or else removed and reported in
+    ``run.stale_threads`` so that the proxy can look it up and rewrite again. A kept
+    ``latest_event`` (or the replacement's) is fixed like any event."""
+    if "m.relations" not in unsigned:
+        return False
+    relations = split_object(unsigned["m.relations"])
     if relations is None or "m.thread" not in relations:
-        return None
+        return False
     thread = relations["m.thread"]
     if not _thread_is_hidden(thread, run):
-        return None
-    root_id = head.event_id if head is not None else None
-    known = run.ctx.thread_summaries or {}
-    replacement = known.get(root_id) if root_id is not None else None
-    run.removed += 1
-    if replacement is not None:
-        relations["m.thread"] = Raw(replacement)
+        fixed = _fix_latest(thread, run)
+        if fixed is None:
+            return False
+        relations["m.thread"] = fixed
     else:
-        del relations["m.thread"]
-        room_id = (head.room_id if head is not None else None) or run.room_id
-        if root_id is not None and room_id is not None and root_id not in known:
-            run.stale_threads.append(StaleThread(room_id, root_id, as_bytes(thread)))
+        root_id = head.event_id if head is not None else None
+        known = run.ctx.thread_summaries or {}
+        replacement = known.get(root_id) if root_id is not None else None
+        run.removed += 1
+        if replacement is not None:
+            # not part of the body: what it mentions is searched for afresh
+            inner = Run(run.ctx, replacement)
+            fixed = _fix_latest(Raw(replacement), inner) if inner.anything else None
+            run.removed += inner.removed
+            relations["m.thread"] = Raw(replacement) if fixed is None else fixed
+        else:
+            del relations["m.thread"]
+            room_id = (head.room_id if head is not None else None) or run.room_id
+            if root_id is not None and room_id is not None and root_id not in known:
+                run.stale_threads.append(StaleThread(room_id, root_id, as_bytes(thread)))
     if relations:
-        members["m.relations"] = encode_object(relations)
+        unsigned["m.relations"] = encode_object(relations)
     else:
-        del members["m.relations"]
-    return encode_object(members)
+        del unsigned["m.relations"]
+    return True
+
+
+def _fix_latest(thread: Raw, run: Run) -> Raw | None:
+    """A thread summary whose (kept) ``latest_event`` was fixed; None if unchanged."""
+    if not run.relevant(thread):
+        return None
+    parts = split_object(thread)
+    latest = None if parts is None else parts.get("latest_event")
+    if parts is None or latest is None:
+        return None
+    head = head_of(latest)
+    new = None if head is None else fix_event(latest, head, run)
+    if new is None:
+        return None
+    parts["latest_event"] = new
+    return encode_object(parts)
 
 
 def fix_event(raw: Raw, head: Head, run: Run) -> Raw | None:
@@ -475,91 +555,3 @@ def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:
         if head is not None and run.hides(head):
             count += 1
     return count
-
-
-# --- redaction (room versions 11 and later) ---------------------------------------------
-
-_KEEP_TOP: Final = frozenset(
-    {
-        "event_id",
-        "type",
-        "room_id",
-        "sender",
-        "state_key",
-        "hashes",
-        "signatures",
-        "depth",
-        "prev_events",
-        "auth_events",
-        "origin_server_ts",
-    }
-)
-_KEEP_CONTENT: Final[dict[str, frozenset[str]]] = {
-    "m.room.member": frozenset({"membership", "join_authorised_via_users_server"}),
-    "m.room.join_rules": frozenset({"join_rule", "allow"}),
-    "m.room.power_levels": frozenset(
-        {
-            "ban",
-            "events",
-            "events_default",
-            "invite",
-            "kick",
-            "redact",
-            "state_default",
-            "users",
-            "users_default",
-        }
-    ),
-    "m.room.history_visibility": frozenset({"history_visibility"}),
-    "m.room.redaction": frozenset({"redacts"}),
-}
-
-
-def _redact_content(content: Raw, type_: str | None) -> Raw:
-    if type_ == "m.room.create":
-        return content
-    members = split_object(content)
-    if members is None:
-        return Raw(b"{}")
-    keep = _KEEP_CONTENT.get(type_ or "", frozenset())
-    out = {k: v for k, v in members.items() if k in keep}
-    if type_ == "m.room.member" and "third_party_invite" in members:
-        invite = split_object(members["third_party_invite"])
-        if invite is not None and "signed" in invite:
-            out["third_party_invite"] = encode_object({"signed": invite["signed"]})
-    return encode_object(out)
-
-
-def redact_event(raw: Raw, head: Head, run: Run) -> Raw:
-    """The event as the redaction algorithm leaves it, keeping only the thread summary
-    in ``unsigned`` (without it, if its latest reply is hidden too)."""
-    members = split_object(raw)
-    if members is None:  # pragma: no cover - head_of succeeded, so it is an object
-        return raw
-    out: dict[str, Raw] = {}
-    for key, value in members.items():
-        if key in _KEEP_TOP:
-            out[key] = value
-        elif key == "content":
-            out[key] = _redact_content(value, head.type)
-    if "content" not in out:
-        out["content"] = Raw(b"{}")
-    thread = _thread_summary(head.unsigned)
-    if thread is not None:
-        if _thread_is_hidden(thread, run):
-            run.removed += 1
-        else:
-            out["unsigned"] = encode_object({"m.relations": encode_object({"m.thread": thread})})
-    return encode_object(out)
-
-
-def _thread_summary(unsigned: Raw) -> Raw | None:
-    if not len(unsigned):
-        return None
-    members = split_object(unsigned)
-    if members is None or "m.relations" not in members:
-        return None
-    relations = split_object(members["m.relations"])
-    if relations is None:
-        return None
-    return relations.get("m.thread")

@@ -1,7 +1,19 @@
 """Room history endpoints: ``/messages``, ``/context``, single events, ``/relations``,
-``/threads``, the legacy ``/events`` stream and both ``/initialSync``."""
+``/threads``, the legacy ``/events`` stream, both ``/initialSync`` and MSC2836
+``/event_relationships``.
+
+``/threads`` roots sent by an ignored user are dropped from ``chunk``, as Synapse does,
+rather than served redacted as the spec's threading module says. A faithful redaction can
+keep their text: the algorithm keeps content keys by event type, and nothing stops a
+non-state ``m.room.join_rules`` root with ``{"join_rule": "<any text>"}``. A stub with no
+content at all would be an event no redaction leaves, and would still list a thread
+started by someone the user ignores, which is what ignoring is for. The cost, shared with
+Synapse: replies of others under such a root are listed by no ``/threads`` page (and
+``/relations`` on that root answers ``M_SENDER_IGNORED``)."""
 
 from __future__ import annotations
+
+from typing import cast
 
 from .events import (
     DROP,
@@ -12,7 +24,6 @@ from .events import (
     filter_events,
     fix_event,
     head_of,
-    redact_event,
 )
 from .nogc import without_gc
 from .raw import (
@@ -31,6 +42,7 @@ from .walk import edit, edit_in, finish, start
 
 __all__ = [
     "rewrite_context",
+    "rewrite_event_relationships",
     "rewrite_events_stream",
     "rewrite_initial_sync",
     "rewrite_messages",
@@ -42,12 +54,22 @@ __all__ = [
 
 
 def _rewrite_lists(
-    body: bytes, ctx: IgnoreContext, filtered: tuple[str, ...], state: tuple[str, ...] = ()
+    body: bytes,
+    ctx: IgnoreContext,
+    filtered: tuple[str, ...],
+    state: tuple[str, ...] = (),
+    single: tuple[str, ...] = (),
 ) -> Rewritten | None:
+    """Filter the event lists ``filtered``, fix those in ``state`` (nothing removed), and
+    check the events ``single``: SenderIgnored if one is an ignored sender's non-state
+    event (they stand for the whole answer), else fixed in place."""
     members = split_members(body)
     if members is not None:
         run = Run(ctx, body)
-        if not run.anything or not _edit_lists(members, run, filtered, state):
+        if not run.anything:
+            return None
+        changed = _edit_singles(members, run, single)
+        if not _edit_lists(members, run, filtered, state) and not changed:
             return None
         rendered = render(members)
         # what the edits left alone is byte for byte as it was (see ``raw.Member``);
@@ -59,11 +81,46 @@ def _rewrite_lists(
         return None
     top, run = started
     changed = False
+    for key in single:
+        changed |= edit(top, key, lambda raw: single_event(raw, run))
     for key in filtered:
         changed |= edit(top, key, lambda raw: filter_events(raw, run))
     for key in state:
         changed |= edit(top, key, lambda raw: filter_events(raw, run, keep_all=True))
     return finish(top, run, changed)
+
+
+def single_event(raw: Raw, run: Run) -> Raw | None:
+    """An event that stands for the whole answer: SenderIgnored if it is an ignored
+    sender's non-state event, else the event fixed (None if unchanged)."""
+    if not run.relevant(raw):
+        return None
+    head = head_of(raw)
+    if head is None:
+        return None
+    if run.hides(head):
+        assert head.sender is not None
+        raise SenderIgnored(head.sender)
+    return fix_event(raw, head, run)
+
+
+def _edit_singles(members: dict[str, Member], run: Run, single: tuple[str, ...]) -> bool:
+    """``single_event`` on the events of a body split in one decode (as objects of raw
+    members), in place; True if changed."""
+    changed = False
+    for key in single:
+        value = members.get(key)
+        if not isinstance(value, dict):
+            continue
+        raw = Raw(render(value))
+        new = single_event(raw, run)
+        if new is not None:
+            if not isinstance(new, Raw):  # a changed tree (see raw.encode_object)
+                new = Raw(render(new))
+            members[key] = cast(Member, new)  # a raw value renders as its bytes
+            run.shrunk += len(raw) - len(new)
+            changed = True
+    return changed
 
 
 def _edit_lists(
@@ -90,8 +147,17 @@ def rewrite_messages(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
 
 def rewrite_relations(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """``GET /rooms/{roomId}/relations/{eventId}...``: filter ``chunk``; tokens and
-    ``recursion_depth`` kept. (Whether the parent is hidden needs I/O: not done here.)"""
-    return _rewrite_lists(body, ctx, ("chunk",))
+    ``recursion_depth`` kept. SenderIgnored if ``original_event`` (the parent, which
+    Synapse's unstable variant adds) is an ignored sender's non-state event. When the
+    answer carries no parent, whether it is hidden needs I/O: not done here."""
+    return _rewrite_lists(body, ctx, ("chunk",), single=("original_event",))
+
+
+def rewrite_event_relationships(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """Dendrite's MSC2836 ``POST /_matrix/client/unstable/event_relationships``: filter
+    ``events`` (whole events: the one asked about, its ancestors and children);
+    ``next_batch`` and ``limited`` kept."""
+    return _rewrite_lists(body, ctx, ("events",))
 
 
 def rewrite_context(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
@@ -139,24 +205,14 @@ def rewrite_single_event(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     return run.result(render(new))
 
 
-def _thread_root(item: Raw, run: Run) -> Raw | None:
-    head = head_of(item)
-    if head is None:
-        return None
-    if run.hides(head):
-        run.removed += 1
-        return redact_event(item, head, run)
-    return fix_event(item, head, run)
-
-
 def rewrite_threads(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
-    """``GET /rooms/{roomId}/threads``: roots by ignored senders come back redacted
-    (room version 11 rules), keeping only the thread summary in ``unsigned``."""
+    """``GET /rooms/{roomId}/threads``: roots by ignored senders dropped (see the module
+    docstring), the thread summaries of the others fixed; ``next_batch`` kept."""
     started = start(body, ctx)
     if started is None:
         return None
     top, run = started
-    changed = edit(top, "chunk", lambda raw: edit_items(raw, run, lambda i: _thread_root(i, run)))
+    changed = edit(top, "chunk", lambda raw: filter_events(raw, run))
     return finish(top, run, changed)
 
 

@@ -13,7 +13,7 @@ from .events import (
 )
 from .nogc import without_gc
 from .raw import Raw, decode_value, encode_object, split_object
-from .sync import invite_is_hidden
+from .sync import membership_is_hidden_invite
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
@@ -50,7 +50,7 @@ def _invite_hidden(raw: Raw, run: Run) -> bool:
     room = split_object(raw)
     if room is None:
         return False
-    return any(key in room and invite_is_hidden(room[key], run) for key in _INVITE_KEYS)
+    return any(key in room and membership_is_hidden_invite(room[key], run) for key in _INVITE_KEYS)
 
 
 def _rooms(raw: Raw, run: Run) -> Raw | None:
@@ -72,22 +72,42 @@ def _ephemeral_rooms(raw: Raw, run: Run, typing: bool) -> Raw | None:
     return edit_members(raw, run, lambda _, event: one(event, run))
 
 
+def _sticky_rooms(raw: Raw, run: Run) -> Raw | None:
+    """``{roomId: {"events": [...]}}`` of sticky events, filtered as timelines."""
+
+    def room(room_id: str, room_raw: Raw) -> Raw | None:
+        run.room_id = room_id
+        return edit_in(room_raw, "events", lambda events: filter_events(events, run))
+
+    return edit_members(raw, run, room)
+
+
+_STICKY_EXTENSIONS = ("org.matrix.msc4354.sticky_events", "sticky_events")
+"""MSC4354's sliding sync extension: its unstable name, and the stable one to come."""
+
+
 def _extensions(raw: Raw, run: Run) -> Raw | None:
     if not run.relevant(raw):
         return None
     extensions = split_object(raw)
     if extensions is None:
         return None
-    changed = edit(
-        extensions,
-        "typing",
-        lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=True)),
-    )
-    changed |= edit(
-        extensions,
-        "receipts",
-        lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=False)),
-    )
+    changed = False
+    if run.ctx.filter_ephemeral:
+        changed |= edit(
+            extensions,
+            "typing",
+            lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=True)),
+        )
+        changed |= edit(
+            extensions,
+            "receipts",
+            lambda t: edit_in(t, "rooms", lambda r: _ephemeral_rooms(r, run, typing=False)),
+        )
+    for key in _STICKY_EXTENSIONS:
+        changed |= edit(
+            extensions, key, lambda ext: edit_in(ext, "rooms", lambda r: _sticky_rooms(r, run))
+        )
     return encode_object(extensions) if changed else None
 
 
@@ -97,16 +117,18 @@ def rewrite_sliding_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
 
     ``rooms.*.timeline``: drop ignored senders' non-state events, lowering ``num_live``
     by those removed among the last ``num_live``; ``required_state`` kept; rooms whose
-    ``invite_state`` / ``stripped_state`` holds an invite by an ignored user are dropped
-    (``lists`` counts are left alone). If ``ctx.filter_ephemeral``:
-    ``extensions.typing.rooms.*`` and ``extensions.receipts.rooms.*`` without ignored
-    users. ``extensions.account_data`` and everything else untouched.
+    ``stripped_state`` (formerly ``invite_state``) shows the user invited by an ignored
+    user are dropped, not knocks or rejections (see ``sync.membership_is_hidden_invite``;
+    ``lists`` counts are left alone). MSC4354 sticky events,
+    ``extensions."org.matrix.msc4354.sticky_events".rooms.*.events``, filtered as
+    timelines. If ``ctx.filter_ephemeral``: ``extensions.typing.rooms.*`` and
+    ``extensions.receipts.rooms.*`` without ignored users. ``extensions.account_data``
+    and everything else untouched.
     """
     started = start(body, ctx)
     if started is None:
         return None
     top, run = started
     changed = edit(top, "rooms", lambda raw: _rooms(raw, run))
-    if ctx.filter_ephemeral:
-        changed |= edit(top, "extensions", lambda raw: _extensions(raw, run))
+    changed |= edit(top, "extensions", lambda raw: _extensions(raw, run))
     return finish(top, run, changed)

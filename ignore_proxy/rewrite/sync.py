@@ -9,7 +9,14 @@ from typing import Any, TypeVar, cast
 
 import msgspec
 
-from .events import Run, edit_items_at, event_filter, filter_events, head_of
+from .events import (
+    Run,
+    edit_items_at,
+    event_filter,
+    filter_events,
+    head_of,
+    is_membership_of,
+)
 from .nogc import without_gc
 from .raw import (
     EMPTY,
@@ -27,7 +34,7 @@ from .raw import (
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
 
-__all__ = ["invite_is_hidden", "rewrite_sync"]
+__all__ = ["invite_is_hidden", "membership_is_hidden_invite", "rewrite_sync"]
 
 
 def _section_events(
@@ -72,7 +79,15 @@ def _room_sections(sections: dict[str, dict[str, Raw]], run: Run, *, joined: boo
     return changed
 
 
-_SECTIONS = (("timeline", False), ("state", True), ("state_after", True), ("ephemeral", True))
+_SECTIONS = (
+    ("timeline", False),
+    ("state", True),
+    ("state_after", True),
+    ("ephemeral", True),
+    # MSC4354 sticky events (unstable name, then the stable one): filtered as the timeline
+    ("msc4354_sticky", False),
+    ("sticky", False),
+)
 
 
 def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
@@ -84,6 +99,8 @@ def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     changed |= _section_events(room, "state_after", run, keep_all=True)
     if joined and run.ctx.filter_ephemeral:
         changed |= _section_events(room, "ephemeral", run, keep_all=True, ephemeral=True)
+    changed |= _section_events(room, "msc4354_sticky", run)
+    changed |= _section_events(room, "sticky", run)
     return encode_object(room) if changed else None
 
 
@@ -210,6 +227,26 @@ def invite_is_hidden(events: Raw, run: Run) -> bool:
     return items is not None and _invite_in(items, run)
 
 
+def membership_is_hidden_invite(events: Raw, run: Run) -> bool:
+    """Is the user's membership in this stripped state an invite by an ignored user?
+
+    Sliding sync sends stripped state for knocks and rejected invites too, and there it
+    can still hold the earlier invite (Synapse sends the stripped state that came with
+    the invite or knock, then the user's membership event, last). So only the last
+    ``m.room.member`` of the user counts: a knock, or a rejection of an ignored user's
+    invite, is kept."""
+    if not run.relevant(events):
+        return False
+    items = split_array(events)
+    if items is None:
+        return False
+    for item in reversed(items):
+        head = head_of(item)
+        if head is not None and is_membership_of(head, run.ctx.user_id):
+            return run.hides_invite(head)
+    return False
+
+
 def _invite_in(items: list[Raw], run: Run) -> bool:
     for index in run.relevant_indexes(items):
         head = head_of(items[index])
@@ -316,7 +353,9 @@ def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Filter a ``/sync`` response.
 
-    ``rooms.{join,leave}.*.timeline.events``: drop ignored senders' non-state events.
+    ``rooms.{join,leave}.*.timeline.events`` and MSC4354 sticky events
+    (``msc4354_sticky.events``, stable ``sticky.events``): drop ignored senders'
+    non-state events.
     ``rooms.invite.*``: drop rooms the user was invited to by an ignored user.
     ``rooms.join.*.ephemeral.events`` (if ``ctx.filter_ephemeral``): ignored users out of
     ``m.typing`` and ``m.receipt``. Bundled thread summaries everywhere. Everything else,

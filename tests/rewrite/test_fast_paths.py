@@ -70,13 +70,16 @@ def _same(fast: Rewritten | None, slow: Rewritten | None) -> None:
 
 @SETTINGS
 @given(
-    join=st.lists(st.tuples(compact_lists, compact_lists, st.sampled_from(EPHEMERAL)), max_size=3),
+    join=st.lists(
+        st.tuples(compact_lists, compact_lists, st.sampled_from(EPHEMERAL), compact_lists),
+        max_size=3,
+    ),
     leave=st.lists(compact_lists, max_size=2),
     inviters=st.lists(st.sampled_from(SENDERS), max_size=2),
     ephemeral=st.booleans(),
 )
 def test_sync_fast_path(
-    join: list[tuple[list[Spec], list[Spec], bytes]],
+    join: list[tuple[list[Spec], list[Spec], bytes, list[Spec]]],
     leave: list[list[Spec]],
     inviters: list[str],
     ephemeral: bool,
@@ -84,14 +87,20 @@ def test_sync_fast_path(
     ctx = CTX if ephemeral else CTX_NO_EPHEMERAL
     c = Counter()
     timelines: list[tuple[str, str, list[tuple[Spec, bytes]]]] = []
+    stickies: list[tuple[str, list[tuple[Spec, bytes]]]] = []
 
     def timeline(section: str, room_id: str, items: list[Spec]) -> bytes:
         raw, rendered = render_list(items, c)
         timelines.append((section, room_id, rendered))
         return b'{"events":' + raw + b',"limited":true,"prev_batch":"pb"}'
 
+    def sticky(room_id: str, items: list[Spec]) -> bytes:
+        raw, rendered = render_list(items, c)
+        stickies.append((room_id, rendered))
+        return b'{"events":' + raw + b"}"
+
     rooms: dict[str, list[bytes]] = {"join": [], "leave": [], "invite": []}
-    for i, (items, state, eph) in enumerate(join):
+    for i, (items, state, eph, sticky_items) in enumerate(join):
         room_id = f"!j{i}:x"
         state_raw, _ = render_list([s for s in state if s.state_key is not None], c)
         rooms["join"].append(
@@ -102,7 +111,9 @@ def test_sync_fast_path(
             + state_raw
             + b'},"ephemeral":{"events":'
             + eph
-            + b'},"unread_notifications":{"notification_count":2},"summary":{}}'
+            + b'},"unread_notifications":{"notification_count":2},"summary":{},"msc4354_sticky":'
+            + sticky(room_id, sticky_items)
+            + b"}"
         )
     for i, items in enumerate(leave):
         room_id = f"!l{i}:x"
@@ -123,6 +134,8 @@ def test_sync_fast_path(
     parsed: dict[str, Any] = json.loads(final)
     for section, room_id, rendered in timelines:
         check_list(final, parsed["rooms"][section][room_id]["timeline"]["events"], rendered)
+    for room_id, rendered in stickies:
+        check_list(final, parsed["rooms"]["join"][room_id]["msc4354_sticky"]["events"], rendered)
     hidden = {f"!i{i}:x" for i, sender in enumerate(inviters) if sender in ctx.ignored}
     assert set(parsed["rooms"]["invite"]) == {f"!i{i}:x" for i in range(len(inviters))} - hidden
 

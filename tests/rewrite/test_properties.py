@@ -21,7 +21,9 @@ from ignore_proxy.rewrite import (
     IgnoreContext,
     Rewritten,
     SenderIgnored,
+    guard_body,
     rewrite_context,
+    rewrite_event_relationships,
     rewrite_events_stream,
     rewrite_initial_sync,
     rewrite_messages,
@@ -71,6 +73,7 @@ class Spec:
     thread: str | None
     junk: int | None
     spaced: bool
+    redactor: str | None = None
 
     @property
     def hidden(self) -> bool:
@@ -79,6 +82,30 @@ class Spec:
     @property
     def thread_hidden(self) -> bool:
         return self.junk is None and self.thread in IGNORED
+
+    @property
+    def redaction_hidden(self) -> bool:
+        """Redacted by an ignored user: ``redacted_because`` becomes a stub."""
+        return self.junk is None and self.redactor in IGNORED
+
+    @property
+    def fixes(self) -> int:
+        """What the rewriters count for this event when they keep it."""
+        return int(self.thread_hidden) + int(self.redaction_hidden)
+
+    def expected(self, raw: bytes) -> Any:
+        """The event as a rewriter keeps it."""
+        out = json.loads(raw)
+        if self.thread_hidden:
+            del out["unsigned"]["m.relations"]
+        if self.redaction_hidden:
+            because = out["unsigned"]["redacted_because"]
+            out["unsigned"]["redacted_because"] = {
+                **{k: because[k] for k in ("type", "event_id", "origin_server_ts", "redacts")},
+                "sender": self.redactor,
+                "content": {"redacts": because["content"]["redacts"]},
+            }
+        return out
 
     def render(self, eid: str) -> bytes:
         if self.junk is not None:
@@ -94,13 +121,25 @@ class Spec:
         ]
         if self.state_key is not None:
             parts.append(b'"state_key":' + _enc(self.state_key))
+        unsigned = [b'"age":5']
         if self.thread is not None:
             latest = b'{"sender":' + _enc(self.thread) + b',"type":"m.room.message","content":{}}'
-            parts.append(
-                b'"unsigned":{"age":5,"m.relations":{"m.thread":{"latest_event":'
-                + latest
-                + b',"count":1}}}'
+            unsigned.append(
+                b'"m.relations":{"m.thread":{"latest_event":' + latest + b',"count":1}}'
             )
+        if self.redactor is not None:
+            redactor = _escaped(self.redactor) if self.escaped else _enc(self.redactor)
+            unsigned.append(
+                b'"redacted_because":{"type":"m.room.redaction","sender":'
+                + redactor
+                + b',"event_id":"$red","origin_server_ts":7,"redacts":'
+                + _enc(eid)
+                + b',"content":{"reason":"words of theirs","redacts":'
+                + _enc(eid)
+                + b'},"unsigned":{"age":1}}'
+            )
+        if len(unsigned) > 1:
+            parts.append(b'"unsigned":{' + b",".join(unsigned) + b"}")
         sep = b" , " if self.spaced else b","
         return b"{" + sep.join(parts) + b"}"
 
@@ -115,6 +154,7 @@ specs = st.builds(
     thread=st.none() | st.sampled_from(SENDERS),
     junk=st.none() | st.none() | st.none() | st.integers(0, len(JUNK) - 1),
     spaced=st.booleans(),
+    redactor=st.none() | st.sampled_from(SENDERS),
 )
 event_lists = st.lists(specs, max_size=6)
 
@@ -139,26 +179,22 @@ def check_list(body: bytes, out_list: Any, rendered: list[tuple[Spec, bytes]]) -
     assert isinstance(out_list, list)
     assert len(out_list) == len(kept)
     for got, (spec, raw) in zip(out_list, kept, strict=True):
-        if spec.thread_hidden:
-            assert isinstance(got, dict)
-            assert got["unsigned"] == {"age": 5}
-            original = json.loads(raw)
-            del original["unsigned"]
-            del got["unsigned"]
-            assert got == original
-        else:
-            assert got == json.loads(raw)
+        assert got == spec.expected(raw)
+        if not spec.fixes:
             assert raw in body  # byte-identical
-    return sum(s.hidden for s, _ in rendered) + sum(s.thread_hidden for s, _ in kept)
+    return sum(s.hidden for s, _ in rendered) + sum(s.fixes for s, _ in kept)
 
 
 def result_body(original: bytes, out: Rewritten | None, removed: int) -> bytes:
     if removed == 0:
         assert out is None
-        return original
-    assert out is not None
-    assert out.removed == removed
-    return out.body
+        final = original
+    else:
+        assert out is not None
+        assert out.removed == removed
+        final = out.body
+    assert guard_body(final, CTX) is None  # the last line of defence finds nothing left
+    return final
 
 
 SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -169,26 +205,35 @@ SETTINGS = settings(max_examples=150, deadline=None, suppress_health_check=[Heal
     join=st.lists(event_lists, max_size=3),
     leave=st.lists(event_lists, max_size=2),
     room_state=event_lists,
+    sticky=event_lists,
 )
 def test_sync_property(
-    join: list[list[Spec]], leave: list[list[Spec]], room_state: list[Spec]
+    join: list[list[Spec]], leave: list[list[Spec]], room_state: list[Spec], sticky: list[Spec]
 ) -> None:
     c = Counter()
     state_raw, state_rendered = render_list([s for s in room_state if s.state_key is not None], c)
     rooms: dict[str, list[bytes]] = {"join": [], "leave": []}
     lists: list[tuple[str, str, list[tuple[Spec, bytes]]]] = []
+    sticky_lists: list[tuple[str, list[tuple[Spec, bytes]]]] = []
     for section, groups in (("join", join), ("leave", leave)):
         for i, items in enumerate(groups):
             raw, rendered = render_list(items, c)
             room_id = f"!{section}{i}:x"
             lists.append((section, room_id, rendered))
+            sticky_part = b""
+            if section == "join":
+                sticky_raw, sticky_rendered = render_list(sticky, c)
+                sticky_lists.append((room_id, sticky_rendered))
+                sticky_part = b',"msc4354_sticky":{"events":' + sticky_raw + b"}"
             rooms[section].append(
                 _enc(room_id)
                 + b':{"timeline":{"events":'
                 + raw
                 + b',"limited":true,"prev_batch":"pb\\ud800"},"state":{"events":'
                 + state_raw
-                + b"}}"
+                + b"}"
+                + sticky_part
+                + b"}"
             )
     body = (
         b'{"next_batch":"nb_1","rooms":{"join":{'
@@ -200,7 +245,7 @@ def test_sync_property(
     out = rewrite_sync(body, CTX)
     expected_removed = 0
     parsed_out = json.loads(out.body) if out is not None else json.loads(body)
-    state_kept_thread = sum(s.thread_hidden for s, _ in state_rendered)
+    state_kept_thread = sum(s.fixes for s, _ in state_rendered)
     for section, room_id, rendered in lists:
         room = parsed_out["rooms"][section][room_id]
         assert room["timeline"]["prev_batch"] == "pb\ud800"
@@ -210,6 +255,9 @@ def test_sync_property(
         )
         check_list(out.body if out else body, room["state"]["events"], state_rendered)
         expected_removed += state_kept_thread
+    for room_id, rendered in sticky_lists:
+        events = parsed_out["rooms"]["join"][room_id]["msc4354_sticky"]["events"]
+        expected_removed += check_list(out.body if out else body, events, rendered)
     result_body(body, out, expected_removed)
     assert parsed_out["next_batch"] == "nb_1"
     assert parsed_out["presence"] == json.loads(body)["presence"]
@@ -244,15 +292,40 @@ def test_messages_property(items: list[Spec]) -> None:
 
 
 @SETTINGS
+@given(items=event_lists, parent=st.none() | specs)
+def test_relations_property(items: list[Spec], parent: Spec | None) -> None:
+    c = Counter()
+    raw, rendered = render_list(items, c)
+    parent_raw = parent.render(c.eid()) if parent is not None else None
+    body = b'{"chunk":' + raw + b',"next_batch":"n","prev_batch":"p","recursion_depth":1'
+    if parent_raw is not None:
+        body += b',"original_event":' + parent_raw
+    body += b"}"
+    if parent is not None and parent.hidden:
+        with pytest.raises(SenderIgnored) as info:
+            rewrite_relations(body, CTX)
+        assert info.value.sender == parent.sender
+        return
+    out = rewrite_relations(body, CTX)
+    final = out.body if out is not None else body
+    parsed = json.loads(final)
+    removed = check_list(final, parsed["chunk"], rendered)
+    if parent is not None and parent_raw is not None:
+        removed += check_list(final, [parsed["original_event"]], [(parent, parent_raw)])
+    result_body(body, out, removed)
+    assert (parsed["next_batch"], parsed["prev_batch"], parsed["recursion_depth"]) == ("n", "p", 1)
+
+
+@SETTINGS
 @given(items=event_lists)
-def test_relations_property(items: list[Spec]) -> None:
+def test_event_relationships_property(items: list[Spec]) -> None:
     parsed = _simple(
-        rewrite_relations,
-        lambda raw: b'{"chunk":' + raw + b',"next_batch":"n","prev_batch":"p","recursion_depth":1}',
-        lambda p: p["chunk"],
+        rewrite_event_relationships,
+        lambda raw: b'{"events":' + raw + b',"next_batch":"n\\u0040","limited":true}',
+        lambda p: p["events"],
         items,
     )
-    assert (parsed["next_batch"], parsed["prev_batch"], parsed["recursion_depth"]) == ("n", "p", 1)
+    assert (parsed["next_batch"], parsed["limited"]) == ("n@", True)
 
 
 @SETTINGS
@@ -308,7 +381,7 @@ def test_single_event_property(spec: Spec) -> None:
         return
     out = rewrite_single_event(raw, CTX)
     check_list(out.body if out else raw, [json.loads(out.body if out else raw)], [(spec, raw)])
-    result_body(raw, out, int(spec.thread_hidden))
+    result_body(raw, out, spec.fixes)
 
 
 @SETTINGS
@@ -376,29 +449,13 @@ def test_notifications_property(items: list[Spec]) -> None:
 @SETTINGS
 @given(items=event_lists)
 def test_threads_property(items: list[Spec]) -> None:
-    c = Counter()
-    rendered = [(s, s.render(c.eid())) for s in items]
-    body = b'{"chunk":[' + b",".join(r for _, r in rendered) + b'],"next_batch":"nb"}'
-    out = rewrite_threads(body, CTX)
-    final = out.body if out is not None else body
-    parsed = json.loads(final)
+    parsed = _simple(
+        rewrite_threads,
+        lambda raw: b'{"chunk":' + raw + b',"next_batch":"nb"}',
+        lambda p: p["chunk"],
+        items,
+    )
     assert parsed["next_batch"] == "nb"
-    assert len(parsed["chunk"]) == len(rendered)
-    removed = 0
-    for got, (spec, raw) in zip(parsed["chunk"], rendered, strict=True):
-        if spec.hidden:
-            removed += 1 + spec.thread_hidden
-            original = json.loads(raw)
-            assert got["event_id"] == original["event_id"]
-            assert got["sender"] == spec.sender
-            assert got["content"] == {}
-            if spec.thread is not None and not spec.thread_hidden:
-                assert got["unsigned"] == {"m.relations": original["unsigned"]["m.relations"]}
-            else:
-                assert "unsigned" not in got
-        else:
-            removed += check_list(final, [got], [(spec, raw)])
-    result_body(body, out, removed)
 
 
 @SETTINGS
@@ -441,8 +498,8 @@ def test_room_initial_sync_property(items: list[Spec]) -> None:
 
 
 @SETTINGS
-@given(rooms=st.lists(event_lists, max_size=3), num_live=st.integers(0, 7))
-def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int) -> None:
+@given(rooms=st.lists(event_lists, max_size=3), num_live=st.integers(0, 7), sticky=event_lists)
+def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int, sticky: list[Spec]) -> None:
     c = Counter()
     parts, rendered_all = [], []
     for i, items in enumerate(rooms):
@@ -457,7 +514,15 @@ def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int) -> None:
             + str(num_live).encode()
             + b',"prev_batch":"pb","required_state":[]}'
         )
-    body = b'{"pos":"p","rooms":{' + b",".join(parts) + b'},"extensions":{}}'
+    sticky_raw, sticky_rendered = render_list(sticky, c)
+    body = (
+        b'{"pos":"p","rooms":{'
+        + b",".join(parts)
+        + b'},"extensions":{"org.matrix.msc4354.sticky_events":{"next_batch":"sb","rooms":'
+        + b'{"!r0:x":{"events":'
+        + sticky_raw
+        + b"}}}}}"
+    )
     out = rewrite_sliding_sync(body, CTX)
     final = out.body if out is not None else body
     parsed = json.loads(final)
@@ -468,5 +533,8 @@ def test_sliding_sync_property(rooms: list[list[Spec]], num_live: int) -> None:
         live = rendered[-num_live:] if num_live else []
         assert room["num_live"] == num_live - sum(s.hidden for s, _ in live)
         assert room["prev_batch"] == "pb"
+    extension = parsed["extensions"]["org.matrix.msc4354.sticky_events"]
+    removed += check_list(final, extension["rooms"]["!r0:x"]["events"], sticky_rendered)
+    assert extension["next_batch"] == "sb"
     result_body(body, out, removed)
     assert parsed["pos"] == "p"
