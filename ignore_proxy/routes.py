@@ -116,6 +116,9 @@ ROUTES: tuple[Route, ...] = (
     Route("threads", "GET", "rooms/{room_id}/threads", rewrite.rewrite_threads,
           open_ended=True),
     Route("search", "POST", "search", rewrite.rewrite_search, filter="search_body"),
+    # Dendrite's MSC2836 (opt-in): whole events in `events`.
+    Route("event_relationships", "POST", "event_relationships",
+          rewrite.rewrite_event_relationships),
     Route("notifications", "GET", "notifications", rewrite.rewrite_notifications),
     Route("initial_sync", "GET", "initialSync", rewrite.rewrite_initial_sync),
     Route("room_initial_sync", "GET", "rooms/{room_id}/initialSync",

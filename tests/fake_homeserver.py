@@ -92,9 +92,13 @@ class FakeHomeserver:
     def __call__(self, request: httpx.Request) -> httpx.Response:
         answer = self.answer(request)
         # Streamed like a real transport's answer, not preloaded as MockTransport's are.
-        return httpx.Response(
-            answer.status_code, headers=answer.headers, stream=_Stream(answer.content)
+        # The bytes as given, not `content`, which httpx has already decoded (gzip).
+        raw = (
+            b"".join(answer.stream)
+            if isinstance(answer.stream, httpx.ByteStream)
+            else answer.content
         )
+        return httpx.Response(answer.status_code, headers=answer.headers, stream=_Stream(raw))
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)

@@ -13,7 +13,7 @@ from .account_data import (
     ignored_users_from_sync,
 )
 from .errors import SENDER_IGNORED_CODES, UpstreamSenderIgnored, normalise_sender_ignored
-from .guard import IgnoredEventLeft, guard_body, remove_ignored_events
+from .guard import Guarded, IgnoredEventLeft, guard_body, remove_ignored_events, rewrite_guarded
 from .notifications import rewrite_notifications
 from .rooms import (
     rewrite_context,
@@ -36,6 +36,7 @@ from .versions import MSC4406_FEATURE, add_msc4406_feature
 __all__ = [
     "MSC4406_FEATURE",
     "SENDER_IGNORED_CODES",
+    "Guarded",
     "IgnoreContext",
     "IgnoredEventLeft",
     "InvalidBody",
@@ -55,6 +56,7 @@ __all__ = [
     "rewrite_context",
     "rewrite_event_relationships",
     "rewrite_events_stream",
+    "rewrite_guarded",
     "rewrite_initial_sync",
     "rewrite_messages",
     "rewrite_notifications",

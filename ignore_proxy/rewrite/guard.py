@@ -26,6 +26,7 @@ relevant; far less for most answers).
 
 from __future__ import annotations
 
+from dataclasses import dataclass, replace
 from typing import Any, Final
 
 import msgspec
@@ -41,9 +42,16 @@ from .raw import (
     split_array,
     split_object,
 )
-from .types import IgnoreContext, Rewritten
+from .scan import mentions_any
+from .types import IgnoreContext, Rewriter, Rewritten
 
-__all__ = ["IgnoredEventLeft", "guard_body", "remove_ignored_events"]
+__all__ = [
+    "Guarded",
+    "IgnoredEventLeft",
+    "guard_body",
+    "remove_ignored_events",
+    "rewrite_guarded",
+]
 
 Path = tuple[str | int, ...]
 _encoder = msgspec.json.Encoder()
@@ -229,3 +237,27 @@ def _raw_is_redaction_stub(members: dict[str, Raw], path: Path) -> bool:
         return False
     content = split_object(members["content"]) if "content" in members else {}
     return set(members) <= _STUB_KEYS and content is not None and set(content) <= {"redacts"}
+
+
+@dataclass(frozen=True, slots=True)
+class Guarded:
+    """A route's rewrite checked by the guard: `caught` events the rewriter left in."""
+
+    rewritten: Rewritten | None
+    caught: int = 0
+
+
+def rewrite_guarded(rewriter: Rewriter, body: bytes, ctx: IgnoreContext) -> Guarded:
+    """`rewriter`'s answer, then `guard_body` over it where an ignored ID is still
+    mentioned (a state event of theirs, or a place no rewriter knows). Raises what they
+    raise: SenderIgnored, InvalidBody, IgnoredEventLeft."""
+    rewritten = rewriter(body, ctx)
+    final = body if rewritten is None else rewritten.body
+    if not mentions_any(final, ctx.ignored):
+        return Guarded(rewritten)
+    caught = guard_body(final, ctx)
+    if caught is None:
+        return Guarded(rewritten)
+    base = rewritten if rewritten is not None else Rewritten(body, 0)
+    return Guarded(replace(base, body=caught.body, removed=base.removed + caught.removed),
+                   caught.removed)  # fmt: skip

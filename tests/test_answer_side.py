@@ -1,0 +1,200 @@
+"""Fail closed, answer side: on a route the proxy filters, the client gets a body the proxy
+read whole and filtered, or a Matrix error; never bytes it could not judge."""
+
+from __future__ import annotations
+
+import gzip
+import json
+from typing import Any
+
+import httpx
+import pytest
+
+from .fake_homeserver import (
+    ALICE,
+    BOB,
+    CHARLIE,
+    ROOM,
+    FakeHomeserver,
+    build_app,
+    client_for,
+    message,
+)
+
+SYNC = "/_matrix/client/v3/sync"
+EVENT = f"/_matrix/client/v3/rooms/{ROOM}/event/$b1"
+SYNC_BODY: dict[str, Any] = {
+    "next_batch": "s2",
+    "rooms": {
+        "join": {ROOM: {"timeline": {"events": [message("$b1", BOB), message("$c1", CHARLIE)]}}}
+    },
+}
+
+
+@pytest.fixture
+def homeserver() -> FakeHomeserver:
+    hs = FakeHomeserver()
+    hs.ignore(ALICE, BOB)
+    return hs
+
+
+def answering(status: int, body: bytes, **headers: str) -> Any:
+    def answer(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, content=body, headers=headers)
+
+    return answer
+
+
+@pytest.mark.parametrize("status", [201, 203, 206, 299])
+async def test_every_success_is_filtered_like_a_200(
+    homeserver: FakeHomeserver, status: int
+) -> None:
+    homeserver.answers[("GET", "/sync")] = answering(status, json.dumps(SYNC_BODY).encode())
+    homeserver.answers[("GET", f"/rooms/{ROOM}/event/$b1")] = answering(
+        status, json.dumps(message("$b1", BOB)).encode()
+    )
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+        assert response.status_code == status
+        assert "$b1" not in response.text and "$c1" in response.text
+        single = await alice.get(EVENT)
+    assert single.status_code == 404
+    assert single.json() == {
+        "errcode": "M_SENDER_IGNORED",
+        "error": "You have ignored the user that sent this event",
+        "sender": BOB,
+    }
+
+
+@pytest.mark.parametrize("status", [300, 301, 302, 303, 307, 308])
+async def test_a_redirect_on_a_filtered_route_is_refused(
+    homeserver: FakeHomeserver, status: int
+) -> None:
+    homeserver.answers[("GET", "/sync")] = answering(
+        status, json.dumps(SYNC_BODY).encode(), location="http://elsewhere/"
+    )
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 502
+    assert "$b1" not in response.text
+    assert response.json()["errcode"] == "M_UNKNOWN"
+
+
+async def test_headers_asking_for_part_of_an_answer_are_not_forwarded_on_filtered_routes(
+    homeserver: FakeHomeserver,
+) -> None:
+    homeserver.answers[("GET", "/sync")] = SYNC_BODY
+    homeserver.answers[("GET", "/pushrules/")] = {"global": {}}
+    partial = {
+        "range": "bytes=0-10",
+        "if-range": '"e1"',
+        "if-none-match": '"e1"',
+        "if-modified-since": "Sat, 05 Dec 2026 00:00:00 GMT",
+        "accept-encoding": "gzip, br",
+    }
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        await alice.get(SYNC, headers=partial)
+        await alice.get("/_matrix/client/v3/pushrules/", headers=partial)
+    filtered, passed = (r for r in homeserver.requests if "whoami" not in str(r.url)
+                        and "account_data" not in str(r.url))  # fmt: skip
+    assert "/sync" in str(filtered.url)
+    assert not {"range", "if-range", "if-none-match", "if-modified-since"} & set(filtered.headers)
+    assert filtered.headers["accept-encoding"] == "identity"
+    # Pass-through routes keep them: the proxy does not read those answers.
+    assert passed.headers["range"] == "bytes=0-10"
+    assert passed.headers["accept-encoding"] == "gzip, br"
+
+
+SYNC_BYTES = json.dumps(SYNC_BODY).encode()
+
+
+@pytest.mark.parametrize(
+    ("body", "headers"),
+    [
+        (SYNC_BYTES.decode().encode("utf-16"), {"content-type": "application/json"}),
+        (SYNC_BYTES.decode().encode("utf-16-le"), {"content-type": "application/json"}),
+        (SYNC_BYTES.decode().encode("utf-32"), {}),
+        (b"\xef\xbb\xbf" + SYNC_BYTES, {"content-type": "application/json"}),
+        (SYNC_BYTES, {"content-type": "application/json; charset=utf-16"}),
+        (SYNC_BYTES, {"content-type": 'application/json; charset="ISO-8859-1"'}),
+        (gzip.compress(SYNC_BYTES), {}),  # compressed, the header missing
+        (SYNC_BYTES, {"content-encoding": "br"}),
+        (SYNC_BYTES, {"content-encoding": "zstd"}),
+        (gzip.compress(SYNC_BYTES)[:-12], {"content-encoding": "gzip"}),
+        (b"[" + SYNC_BYTES + b"]", {}),
+    ],
+)
+async def test_an_answer_the_proxy_cannot_read_is_refused(
+    homeserver: FakeHomeserver, body: bytes, headers: dict[str, str]
+) -> None:
+    homeserver.answers[("GET", "/sync")] = answering(200, body, **headers)
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 502, response.content[:100]
+    assert response.json()["errcode"] == "M_UNKNOWN"
+
+
+@pytest.mark.parametrize(
+    "encoding", ["gzip", "x-gzip", "deflate", "gzip, identity", "identity, gzip"]
+)
+async def test_a_compressed_answer_is_decoded_and_filtered(
+    homeserver: FakeHomeserver, encoding: str
+) -> None:
+    import zlib
+
+    coded = zlib.compress(SYNC_BYTES) if encoding == "deflate" else gzip.compress(SYNC_BYTES)
+    homeserver.answers[("GET", "/sync")] = answering(200, coded, **{"content-encoding": encoding})
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 200
+    assert "content-encoding" not in response.headers
+    assert "$b1" not in response.text and "$c1" in response.text
+
+
+async def test_an_event_where_no_rewriter_looks_is_removed_from_its_list(
+    homeserver: FakeHomeserver,
+) -> None:
+    body = {
+        **SYNC_BODY,
+        "org.example.new_msc": {"events": [message("$b9", BOB), message("$c9", CHARLIE)]},
+    }
+    homeserver.answers[("GET", "/sync")] = body
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 200
+    assert "$b9" not in response.text and "$b1" not in response.text
+    assert "$c9" in response.text
+
+
+@pytest.mark.parametrize(
+    "timeline",
+    [
+        {"events": {"0": message("$b1", BOB)}},  # an object where a list should be
+        {"events": [], "org.example.latest": message("$b1", BOB)},
+    ],
+)
+async def test_an_ignored_event_that_cannot_be_removed_refuses_the_answer(
+    homeserver: FakeHomeserver, timeline: dict[str, Any], caplog: pytest.LogCaptureFixture
+) -> None:
+    homeserver.answers[("GET", "/sync")] = {
+        "next_batch": "s",
+        "rooms": {"join": {ROOM: {"timeline": timeline}}},
+    }
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 502
+    assert "$b1" not in response.text
+    assert "/rooms/join/" in caplog.text and "hi" not in caplog.text  # the path, not content
+
+
+async def test_msc2836_event_relationships_is_filtered(homeserver: FakeHomeserver) -> None:
+    homeserver.answers[("POST", "/event_relationships")] = {
+        "events": [message("$b1", BOB), message("$c1", CHARLIE)],
+        "limited": False,
+    }
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.post(
+            "/_matrix/client/unstable/event_relationships", json={"event_id": "$c1"}
+        )
+    assert response.status_code == 200
+    assert [e["event_id"] for e in response.json()["events"]] == ["$c1"]
