@@ -11,6 +11,7 @@ from dataclasses import dataclass, field, replace
 from urllib.parse import parse_qsl
 
 import httpx
+import msgspec
 from cachetools import LRUCache, TTLCache
 from starlette.types import Message, Receive, Scope, Send
 
@@ -43,6 +44,7 @@ from .upstream import (
     Upstream,
     UpstreamResponse,
     forwardable,
+    long_poll_ms,
     target,
     timeouts_for,
 )
@@ -268,8 +270,16 @@ class Proxy:
             await self._start_lookups(call)
             if found.route.reads_body:
                 request_headers = _whole_identity_answer(request_headers)
+        poll_ms = long_poll_ms(query)
+        if call is not None and call.found.route.timeout_in_body and body is not None:
+            try:
+                body = await self._read_json_body(exchange)
+            except RequestTooLarge:
+                await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
+                return
+            poll_ms = _timeout_in_body(body, poll_ms)
         try:
-            long_poll = b"timeout=" in query
+            long_poll = poll_ms is not None
             if long_poll:
                 self.metrics.long_polls.inc()
             sent = time.perf_counter()
@@ -279,7 +289,7 @@ class Proxy:
                     target(raw_path, query),
                     request_headers,
                     body,
-                    timeouts_for(self.settings, query),
+                    timeouts_for(self.settings, poll_ms),
                 )
             except RequestTooLarge:
                 await send_error(exchange.send, 413, "M_TOO_LARGE", "Request body too large")
@@ -669,6 +679,19 @@ class Proxy:
         except httpx.TransportError as exc:
             await _send_upstream_error(call.exchange.send, exc)
         return None
+
+
+class _BodyTimeout(msgspec.Struct):
+    timeout: int | None = None
+
+
+def _timeout_in_body(body: bytes, default: int | None) -> int | None:
+    """MSC4186's `timeout` member; a body the homeserver will refuse changes nothing."""
+    try:
+        found = msgspec.json.decode(body, type=_BodyTimeout).timeout
+    except msgspec.MsgspecError:
+        return default
+    return found if found is not None and found >= 0 else default
 
 
 def _has_body(headers: list[tuple[bytes, bytes]]) -> bool:

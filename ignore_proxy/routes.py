@@ -74,6 +74,8 @@ class Route:
     # can drop `sender`): the `filter` query parameter, inline or (`/sync`) stored, or
     # the `/search` body.
     filter: Literal["query", "query_or_stored", "search_body"] | None = None
+    # MSC4186 sends `timeout` (a long-poll's milliseconds) in the request body.
+    timeout_in_body: bool = False
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -98,7 +100,7 @@ ROUTES: tuple[Route, ...] = (
     Route("sync", "GET", "sync", rewrite.rewrite_sync,
           account_data=rewrite.ignored_users_from_sync, filter="query_or_stored"),
     Route("sliding_sync", "POST", "sync", rewrite.rewrite_sliding_sync,
-          account_data=rewrite.ignored_users_from_sliding_sync),
+          account_data=rewrite.ignored_users_from_sliding_sync, timeout_in_body=True),
     Route("messages", "GET", "rooms/{room_id}/messages", rewrite.rewrite_messages,
           filter="query"),
     Route("context", "GET", "rooms/{room_id}/context/{event_id}", rewrite.rewrite_context,

@@ -194,15 +194,22 @@ def base_timeout(settings: Settings) -> httpx.Timeout:
     return httpx.Timeout(connect=t.connect, read=t.read, write=t.write, pool=t.pool)
 
 
-def timeouts_for(settings: Settings, query_string: bytes) -> Timeouts:
-    """A long-poll (`?timeout=ms`) may stay silent for that long, plus the usual read timeout."""
-    timeouts = settings.timeouts
-    read = timeouts.read
+def long_poll_ms(query_string: bytes) -> int | None:
+    """The `?timeout=` (milliseconds) a long-poll asks for, if any."""
     if b"timeout=" in query_string:
         for key, value in parse_qsl(query_string.decode("latin-1")):
             if key == "timeout" and value.isdigit():
-                read += min(int(value) / 1000, timeouts.max_long_poll)
-                break
+                return int(value)
+    return None
+
+
+def timeouts_for(settings: Settings, long_poll: int | None) -> Timeouts:
+    """A long-poll (`timeout` in milliseconds, in the query or, for MSC4186 sliding
+    sync, the body) may stay silent for that long, plus the usual read timeout."""
+    timeouts = settings.timeouts
+    read = timeouts.read
+    if long_poll is not None:
+        read += min(long_poll / 1000, timeouts.max_long_poll)
     return Timeouts(timeouts.connect, read, timeouts.write, timeouts.pool)
 
 

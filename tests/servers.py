@@ -110,8 +110,8 @@ class Upstream:
             await self._bytes(send, int(path.rsplit("/", 1)[1]))
         elif path.startswith("/drip"):
             await self._drip(receive, send)
-        elif path.startswith("/hold"):
-            await self._hold(receive, send, float(query.get("seconds", "30")))
+        elif path.startswith("/hold") or "hold" in query:  # `?hold=`: on any path
+            await self._hold(receive, send, float(query.get("seconds", query.get("hold", "30"))))
         elif path.startswith("/headers"):
             await send(
                 {

@@ -199,6 +199,17 @@ def test_long_poll_outlasts_the_read_timeout(upstream: tuple[Upstream, str]) -> 
         assert slow.json()["errcode"] == "M_UNKNOWN"
 
 
+def test_a_sliding_sync_timeout_in_the_body_is_a_long_poll(upstream: tuple[Upstream, str]) -> None:
+    """MSC4186 moved `timeout` into the request body of `POST /_matrix/client/v4/sync`."""
+    _, url = upstream
+    path = "/_matrix/client/v4/sync?hold=1.5"
+    with run_proxy(url, {"IGNORE_PROXY_TIMEOUTS_READ": "0.5"}) as proxy:
+        response = httpx.post(proxy.url + path, json={"timeout": 2000, "lists": {}}, timeout=10)
+        assert response.status_code == 200
+        slow = httpx.post(proxy.url + path, json={"lists": {}}, timeout=10)
+        assert slow.status_code == 504
+
+
 def test_many_idle_long_polls_do_not_exhaust_the_pool(
     proxy: ProxyProcess, upstream: tuple[Upstream, str]
 ) -> None:
