@@ -7,6 +7,7 @@ input bytes". Only what a decision needs is ever decoded.
 
 from __future__ import annotations
 
+import re
 from bisect import bisect_right
 from collections.abc import Callable
 from itertools import accumulate, chain, compress, count
@@ -428,16 +429,27 @@ def _fix_latest(thread: Raw, run: Run) -> Raw | None:
     return encode_object(parts)
 
 
+_REDACTED_BECAUSE: Final = re.compile(rb'"redacted_because"')
+
+
 def fix_event(raw: Raw, head: Head, run: Run) -> Raw | None:
-    """A kept event with its bundled aggregations fixed; None if unchanged."""
+    """A kept event with its bundled aggregations and ``unsigned`` fixed; None if
+    unchanged. Synapse also copies ``redacted_because`` to the event's top level, where
+    it is cut down as in ``unsigned`` (an escaped spelling of that key is left to the
+    guard, which refuses the answer)."""
     unsigned = fix_unsigned(head.unsigned, run, head)
-    if unsigned is None:
+    top_level = _REDACTED_BECAUSE.search(memoryview(raw)) is not None
+    if unsigned is None and not top_level:
         return None
     members = split_object(raw)
     if members is None:  # pragma: no cover - head_of succeeded, so it is an object
         return None
-    members["unsigned"] = unsigned
-    return encode_object(members)
+    changed = unsigned is not None
+    if unsigned is not None:
+        members["unsigned"] = unsigned
+    if top_level:
+        changed |= _fix_redacted_because(members, run)
+    return encode_object(members) if changed else None
 
 
 # --- ephemeral events -----------------------------------------------------------------

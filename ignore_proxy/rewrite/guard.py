@@ -87,7 +87,8 @@ def _is_event(value: dict[str, Any]) -> bool:
 
 
 def _is_redaction_stub(value: dict[str, Any], path: Path) -> bool:
-    if len(path) < 2 or path[-1] != "redacted_because" or path[-2] != "unsigned":
+    # In `unsigned`, or at the event's top level where Synapse copies it.
+    if not path or path[-1] != "redacted_because":
         return False
     content = value.get("content", {})
     return set(value) <= _STUB_KEYS and isinstance(content, dict) and set(content) <= {"redacts"}
@@ -233,7 +234,8 @@ def _guard_items(items: list[Raw], path: Path, run: Run) -> Raw | None:
 
 
 def _raw_is_redaction_stub(members: dict[str, Raw], path: Path) -> bool:
-    if len(path) < 2 or path[-1] != "redacted_because" or path[-2] != "unsigned":
+    # In `unsigned`, or at the event's top level where Synapse copies it.
+    if not path or path[-1] != "redacted_because":
         return False
     content = split_object(members["content"]) if "content" in members else {}
     return set(members) <= _STUB_KEYS and content is not None and set(content) <= {"redacts"}

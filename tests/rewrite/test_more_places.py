@@ -11,6 +11,7 @@ import pytest
 from ignore_proxy.rewrite import (
     IgnoreContext,
     SenderIgnored,
+    guard_body,
     rewrite_context,
     rewrite_event_relationships,
     rewrite_messages,
@@ -290,3 +291,21 @@ def test_event_relationships(spaced: bool) -> None:
     assert out is not None and out.removed == 2
     assert loads(out.body) == {**body_obj, "events": [keep, st, _stubbed(redacted)]}
     assert rewrite_event_relationships(dumps({"events": [keep], "limited": False}), CTX) is None
+
+
+@pytest.mark.parametrize("spaced", [False, True])
+def test_a_top_level_redacted_because_is_stubbed_too(spaced: bool) -> None:
+    """Synapse copies `redacted_because` to the redacted event's top level as well."""
+    redaction = _redaction(SPAM)
+    by_spam = {**event(ALICE, content={}), "redacted_because": redaction,
+               "unsigned": {"redacted_because": redaction}}  # fmt: skip
+    body = dumps({"chunk": [by_spam], "start": "s"})
+    if spaced:
+        body = body.replace(b'"start":', b'"start": ', 1)
+    for out in (
+        rewrite_messages(body, CTX),
+        rewrite_sync(dumps(sync_body({"!a:x": [by_spam]})), CTX),
+    ):
+        assert out is not None
+        assert b"the words of" not in out.body
+        assert guard_body(out.body, CTX) is None  # nothing left for the guard
