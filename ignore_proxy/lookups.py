@@ -12,7 +12,7 @@ import httpx
 import msgspec
 
 from .identity import Credentials
-from .rewrite import StaleThread
+from .rewrite import StaleThread, ThreadCount
 
 log = logging.getLogger(__name__)
 
@@ -171,6 +171,27 @@ async def _thread_summary(
     if isinstance(count, int) and not isinstance(count, bool):
         summary["count"] = msgspec.Raw(str(max(count - sum(hidden), 1)).encode())
     return msgspec.json.encode(summary)
+
+
+async def thread_count(
+    client: httpx.AsyncClient, creds: Credentials, seen: ThreadCount, ignored: frozenset[str]
+) -> int | None:
+    """How many replies of a thread the user sees: the summary's count less the ignored
+    users' replies among the latest THREAD_WINDOW. None if the homeserver cannot say."""
+    summary = await _thread_summary(
+        client, creds, StaleThread(seen.room_id, seen.root_id, seen.summary), ignored
+    )
+    if summary is None:
+        return None
+    try:
+        count = msgspec.json.decode(summary, type=_Count).count
+    except msgspec.MsgspecError:
+        return None
+    return count
+
+
+class _Count(msgspec.Struct):
+    count: int | None = None
 
 
 async def leave_room(client: httpx.AsyncClient, creds: Credentials, room_id: str) -> None:

@@ -170,6 +170,11 @@ class Proxy:
         self._rejected: TTLCache[tuple[str, str], bool] = TTLCache(maxsize=10_000, ttl=60)
         # Stored filters by (user, filter ID): immutable, so only their number is bounded.
         self._filters: LRUCache[tuple[str, str], bytes] = LRUCache(maxsize=10_000)
+        # Thread reply counts without ignored replies, by (list, root, latest reply, count
+        # as the homeserver sent it): a new reply changes the key.
+        self._thread_count_cache: LRUCache[tuple[frozenset[str], str, str, int], int] = LRUCache(
+            maxsize=100_000
+        )
         self._background: set[asyncio.Task[None]] = set()
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
@@ -516,7 +521,7 @@ class Proxy:
         if route.nearest_unignored and ignored:
             await self._send_nearest_unignored(call, response, body, ignored)
         elif not ignored or not rewrite.mentions_any(body, ignored):
-            await self._send_filtered(call, response, body)
+            await self._send_filtered(call, response, body, ignored)
         else:
             context = rewrite.IgnoreContext(ignored, user_id, self.settings.ignore.filter_ephemeral)
             await self._send_rewritten(call, response, body, context)
@@ -583,6 +588,12 @@ class Proxy:
                 summaries = await lookups.thread_summaries(
                     self.client, call.creds, stale, context.ignored
                 )
+                for root_id, summary in summaries.items():
+                    # What the replacement says is right: no second lookup for it.
+                    seen = None if summary is None else rewrite.latest_and_count(summary)
+                    if seen is not None:
+                        key = (context.ignored, root_id, *seen)
+                        self._thread_count_cache[key] = seen[1]
                 context = replace(context, thread_summaries=summaries)
                 rewritten = await self._rewrite(route, body, context)
         except rewrite.SenderIgnored as exc:
@@ -600,19 +611,49 @@ class Proxy:
             )
             return
         if rewritten is None:
-            await self._send_filtered(call, response, body)
+            await self._send_filtered(call, response, body, context.ignored)
             return
         if rewritten.hidden_invites and call.creds is not None:
             self._reject_invites(context.user_id, call.creds, rewritten.hidden_invites)
         self.metrics.events_removed.labels(route.name).inc(rewritten.removed)
-        await self._send_filtered(call, response, rewritten.body)
+        await self._send_filtered(call, response, rewritten.body, context.ignored)
 
-    async def _send_filtered(self, call: _Call, response: UpstreamResponse, body: bytes) -> None:
-        """Send a body the proxy has read and filtered, with the client's `event_fields`
-        applied now that no ignored sender's event is left to judge."""
+    async def _send_filtered(
+        self, call: _Call, response: UpstreamResponse, body: bytes, ignored: frozenset[str]
+    ) -> None:
+        """Send a body the proxy has read and filtered: thread summaries counting only
+        replies the user sees, and the client's `event_fields` applied now that no
+        ignored sender's event is left to judge."""
+        if ignored and call.creds is not None:
+            counts = await self._thread_counts(call.creds, body, ignored)
+            body = rewrite.apply_thread_counts(body, counts) or body
         if call.event_fields is not None:
             body = filters.project_sync_body(body, call.event_fields)
         await send_rewritten(call.exchange.send, response, body)
+
+    async def _thread_counts(
+        self, creds: Credentials, body: bytes, ignored: frozenset[str]
+    ) -> dict[str, int]:
+        """The right `count` of each thread summary in `body` that may count ignored
+        replies, learned once per thread and state of it (its latest reply and count);
+        at most MAX_THREAD_LOOKUPS new ones per answer, the others keep their count."""
+        counts: dict[str, int] = {}
+        unknown: list[rewrite.ThreadCount] = []
+        for seen in rewrite.find_thread_counts(body):
+            key = (ignored, seen.root_id, seen.latest_id, seen.count)
+            known = self._thread_count_cache.get(key)
+            if known is not None:
+                counts[seen.root_id] = known
+            elif len(unknown) < MAX_THREAD_LOOKUPS:
+                unknown.append(seen)
+        found = await asyncio.gather(
+            *(lookups.thread_count(self.client, creds, seen, ignored) for seen in unknown)
+        )
+        for seen, count in zip(unknown, found, strict=True):
+            if count is not None:
+                self._thread_count_cache[ignored, seen.root_id, seen.latest_id, seen.count] = count
+                counts[seen.root_id] = count
+        return counts
 
     async def _rewrite(
         self, route: Route, body: bytes, context: rewrite.IgnoreContext

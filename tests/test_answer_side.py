@@ -198,3 +198,28 @@ async def test_msc2836_event_relationships_is_filtered(homeserver: FakeHomeserve
         )
     assert response.status_code == 200
     assert [e["event_id"] for e in response.json()["events"]] == ["$c1"]
+
+
+async def test_thread_counts_are_learned_once_per_state_of_the_thread(
+    homeserver: FakeHomeserver,
+) -> None:
+    summary = {"latest_event": message("$c3", CHARLIE), "count": 3}
+    root = {**message("$root", CHARLIE), "unsigned": {"m.relations": {"m.thread": summary}}}
+    homeserver.answers[("GET", f"/rooms/{ROOM}/messages")] = {"chunk": [root], "start": "s"}
+    relations = f"/rooms/{ROOM}/relations/$root/m.thread"
+    homeserver.answers[("GET", relations)] = {
+        "chunk": [message("$c3", CHARLIE), message("$b2", BOB), message("$c1", CHARLIE)]
+    }
+    path = f"/_matrix/client/v3/rooms/{ROOM}/messages"
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        counts = []
+        for _ in range(3):
+            body = (await alice.get(path)).json()
+            counts.append(body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"])
+        summary["count"] = 4  # a new reply: looked up again
+        homeserver.answers[("GET", f"/rooms/{ROOM}/messages")] = {"chunk": [root], "start": "s"}
+        body = (await alice.get(path)).json()
+    assert counts == [2, 2, 2]
+    asked = [r for r in homeserver.requests if "/relations/" in str(r.url)]
+    assert len(asked) == 2
+    assert body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"] == 3

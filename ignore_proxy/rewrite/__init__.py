@@ -30,6 +30,7 @@ from .scan import mentions_any
 from .search import rewrite_search
 from .sliding import rewrite_sliding_sync
 from .sync import rewrite_sync
+from .threads import ThreadCount, apply_thread_counts, find_thread_counts, latest_and_count
 from .types import IgnoreContext, InvalidBody, Rewriter, Rewritten, SenderIgnored, StaleThread
 from .versions import MSC4406_FEATURE, add_msc4406_feature
 
@@ -44,12 +45,16 @@ __all__ = [
     "Rewritten",
     "SenderIgnored",
     "StaleThread",
+    "ThreadCount",
     "UpstreamSenderIgnored",
     "add_msc4406_feature",
+    "apply_thread_counts",
+    "find_thread_counts",
     "guard_body",
     "ignored_users_from_content",
     "ignored_users_from_sliding_sync",
     "ignored_users_from_sync",
+    "latest_and_count",
     "mentions_any",
     "normalise_sender_ignored",
     "remove_ignored_events",

@@ -297,3 +297,42 @@ async def test_timestamp_to_event_skips_ignored_sender(world: World) -> None:
 
     body = await w.charlie.get_json(path, params={"ts": str(now), "dir": "b"})
     assert body["event_id"] == b1, body
+
+
+async def test_thread_count_leaves_out_ignored_replies_when_the_latest_is_visible(
+    world: World,
+) -> None:
+    """Spec, threading module: `count` does not count ignored users' replies, also when
+    the latest reply is someone else's (no ignored ID need appear in the answer)."""
+    w = world
+    root = await w.charlie.send_text(w.room_id, "charlie's root")
+    for who, text in ((w.bob, "bob 1"), (w.charlie, "charlie 1"), (w.bob, "bob 2")):
+        await who.send_event(
+            w.room_id, "m.room.message", {"msgtype": "m.text", "body": text, **thread_reply(root)}
+        )
+    latest = await w.charlie.send_event(
+        w.room_id,
+        "m.room.message",
+        {"msgtype": "m.text", "body": "charlie 2", **thread_reply(root)},
+    )
+    room = q(w.room_id)
+    for _ in range(2):  # the second time from the proxy's cache
+        threads = await w.alice.get_json(f"{V1}/rooms/{room}/threads", params={"include": "all"})
+        fetched = await w.alice.get_json(f"{CS}/rooms/{room}/event/{q(root)}")
+        messages = await w.alice.get_json(
+            f"{CS}/rooms/{room}/messages", params={"dir": "b", "limit": "50"}
+        )
+        in_messages = next(e for e in messages["chunk"] if e["event_id"] == root)
+        in_threads = next(e for e in threads["chunk"] if e["event_id"] == root)
+        for where, event in (
+            ("/threads", in_threads),
+            ("/event", fetched),
+            ("/messages", in_messages),
+        ):
+            summary = _thread_summary(event)
+            assert summary is not None, where
+            assert summary["latest_event"]["event_id"] == latest, (where, summary)
+            assert summary["count"] == 2, (where, summary)
+    # charlie, who ignores nobody, counts all four.
+    theirs = await w.charlie.get_json(f"{CS}/rooms/{room}/event/{q(root)}")
+    assert _thread_summary(theirs)["count"] == 4  # type: ignore[index]

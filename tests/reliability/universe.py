@@ -164,6 +164,8 @@ class Universe:
         elif path == "/search":
             results = [{"rank": 1.0, "result": e} for e in m + s]
             body = {"search_categories": {"room_events": {"results": results, "count": 1}}}
+        elif path == "/event_relationships" and request.method == "POST":
+            body = {"events": [*m, *s], "limited": False}
         elif path == "/notifications":
             body = {
                 "notifications": [
