@@ -152,7 +152,7 @@ def client_path(raw_path: str) -> str:
     if not raw_path.startswith(prefix):
         return raw_path
     parts = raw_path[len(prefix) :].split("/")
-    if parts[0] in ("r0", "v1", "v3", "unstable"):
+    if parts[0] in ("r0", "v1", "v3", "v4", "unstable"):
         parts = parts[1:]
     if parts and "." in parts[0]:
         parts = parts[1:]

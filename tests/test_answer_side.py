@@ -223,3 +223,25 @@ async def test_thread_counts_are_learned_once_per_state_of_the_thread(
     asked = [r for r in homeserver.requests if "/relations/" in str(r.url)]
     assert len(asked) == 2
     assert body["chunk"][0]["unsigned"]["m.relations"]["m.thread"]["count"] == 3
+
+
+async def test_msc4354_sticky_events_are_filtered_in_sync_and_sliding_sync(
+    homeserver: FakeHomeserver,
+) -> None:
+    """A stand-in: Synapse sends them only with experimental_features.msc4354_enabled."""
+    sticky = {"events": [message("$b7", BOB), message("$c7", CHARLIE)]}
+    homeserver.answers[("GET", "/sync")] = {
+        "next_batch": "s",
+        "rooms": {"join": {ROOM: {"timeline": {"events": []}, "msc4354_sticky": sticky}}},
+    }
+    homeserver.answers[("POST", "/sync")] = {
+        "pos": "1",
+        "rooms": {},
+        "extensions": {"org.matrix.msc4354.sticky_events": {"rooms": {ROOM: sticky}}},
+    }
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        classic = await alice.get(SYNC)
+        sliding = await alice.post("/_matrix/client/v4/sync", json={"lists": {}})
+    for response in (classic, sliding):
+        assert response.status_code == 200
+        assert "$b7" not in response.text and "$c7" in response.text
