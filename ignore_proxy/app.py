@@ -12,6 +12,7 @@ from starlette.responses import JSONResponse, Response
 from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
+from .calls import Services
 from .config import Settings
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
@@ -49,9 +50,8 @@ class IgnoreProxyApp:
         )
         self.metrics = Metrics()
         self.metrics.watch_caches(self.identity, self.ignore_lists)
-        self.proxy = Proxy(
-            settings, upstream, self.client, self.identity, self.ignore_lists, self.metrics
-        )
+        services = Services(settings, self.client, self.identity, self.ignore_lists, self.metrics)
+        self.proxy = Proxy(settings, upstream, services)
         self.own = Starlette(
             routes=[
                 Route(OWN_PREFIX + "health/live", self.live),

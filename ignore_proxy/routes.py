@@ -40,13 +40,21 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any
 from urllib.parse import unquote_to_bytes
 
 from . import rewrite
+from .handlers import (
+    FilteredRead,
+    ForgetsIdentity,
+    Handler,
+    IgnoreListWrite,
+    Relations,
+    SingleEvent,
+    TimestampToEvent,
+    Versions,
+)
 from .rewrite import Rewriter
-
-AccountDataReader = Callable[[bytes], frozenset[str] | None]
 
 
 @dataclass(frozen=True, slots=True)
@@ -54,90 +62,64 @@ class Route:
     name: str  # the route class, in logs and metrics
     method: str
     path: str  # segments after `/_matrix/client/{version}/`; `{name}` captures one segment
-    rewriter: Rewriter | None = None
-    # Rewrites the answer the same way for everyone (no identity needed).
-    public_rewriter: Callable[[bytes], bytes] | None = None
-    # Learns the ignore list from the account data the answer carries (sync).
-    account_data: AccountDataReader | None = None
-    # Answers about one event: an ignored sender's becomes 404 M_SENDER_IGNORED, and a
-    # homeserver's own SenderIgnored error is normalised to the same shape.
-    single_event: bool = False
-    # The event named by `{event_id}` is not in the answer: look it up before answering.
-    check_path_event: bool = False
-    # The answer names one event and nothing about its sender (timestamp_to_event).
-    nearest_unignored: bool = False
-    ignore_list_write: bool = False
-    evicts: Literal["token", "user"] | None = None
+    handler: Handler
     # Synapse's pattern for it has no `$`: it serves the path with anything after it.
     open_ended: bool = False
-    # Where the request carries a filter whose `event_fields` the proxy takes out (they
-    # can drop `sender`): the `filter` query parameter, inline or (`/sync`) stored, or
-    # the `/search` body.
-    filter: Literal["query", "query_or_stored", "search_body"] | None = None
-    # MSC4186 sends `timeout` (a long-poll's milliseconds) in the request body.
-    timeout_in_body: bool = False
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "segments", tuple(self.path.split("/")))
 
-    @property
-    def needs_ignore_list(self) -> bool:
-        return self.rewriter is not None or self.nearest_unignored
 
-    @property
-    def needs_identity(self) -> bool:
-        """The proxy must know who asks (to filter, learn a list or forget a token)."""
-        return self.public_rewriter is None
+def _events(rewriter: Rewriter, **how: Any) -> FilteredRead:
+    return FilteredRead(rewriter, **how)
 
-    @property
-    def reads_body(self) -> bool:
-        """The proxy may have to read the answer whole (so asks for it uncompressed)."""
-        return self.needs_ignore_list or self.public_rewriter is not None
 
+_EVICTS_TOKEN, _EVICTS_USER = ForgetsIdentity("token"), ForgetsIdentity("user")
+_IGNORE_LIST = IgnoreListWrite()
 
 ROUTES: tuple[Route, ...] = (
-    Route("sync", "GET", "sync", rewrite.rewrite_sync,
-          account_data=rewrite.ignored_users_from_sync, filter="query_or_stored"),
-    Route("sliding_sync", "POST", "sync", rewrite.rewrite_sliding_sync,
-          account_data=rewrite.ignored_users_from_sliding_sync, timeout_in_body=True),
-    Route("messages", "GET", "rooms/{room_id}/messages", rewrite.rewrite_messages,
-          filter="query"),
-    Route("context", "GET", "rooms/{room_id}/context/{event_id}", rewrite.rewrite_context,
-          single_event=True, filter="query"),
-    Route("event", "GET", "rooms/{room_id}/event/{event_id}", rewrite.rewrite_single_event,
-          single_event=True),
-    Route("event", "GET", "events/{event_id}", rewrite.rewrite_single_event, single_event=True),
-    Route("events", "GET", "events", rewrite.rewrite_events_stream),
-    Route("relations", "GET", "rooms/{room_id}/relations/{event_id}", rewrite.rewrite_relations,
-          single_event=True, check_path_event=True),
+    Route("sync", "GET", "sync", _events(rewrite.rewrite_sync,
+          account_data=rewrite.ignored_users_from_sync, filter="query_or_stored")),
+    Route("sliding_sync", "POST", "sync", _events(rewrite.rewrite_sliding_sync,
+          account_data=rewrite.ignored_users_from_sliding_sync, timeout_in_body=True)),
+    Route("messages", "GET", "rooms/{room_id}/messages",
+          _events(rewrite.rewrite_messages, filter="query")),
+    Route("context", "GET", "rooms/{room_id}/context/{event_id}",
+          SingleEvent(rewrite.rewrite_context, filter="query")),
+    Route("event", "GET", "rooms/{room_id}/event/{event_id}",
+          SingleEvent(rewrite.rewrite_single_event)),
+    Route("event", "GET", "events/{event_id}", SingleEvent(rewrite.rewrite_single_event)),
+    Route("events", "GET", "events", _events(rewrite.rewrite_events_stream)),
+    Route("relations", "GET", "rooms/{room_id}/relations/{event_id}",
+          Relations(rewrite.rewrite_relations)),
     Route("relations", "GET", "rooms/{room_id}/relations/{event_id}/{rel_type}",
-          rewrite.rewrite_relations, single_event=True, check_path_event=True),
+          Relations(rewrite.rewrite_relations)),
     Route("relations", "GET", "rooms/{room_id}/relations/{event_id}/{rel_type}/{event_type}",
-          rewrite.rewrite_relations, single_event=True, check_path_event=True),
-    Route("threads", "GET", "rooms/{room_id}/threads", rewrite.rewrite_threads,
+          Relations(rewrite.rewrite_relations)),
+    Route("threads", "GET", "rooms/{room_id}/threads", _events(rewrite.rewrite_threads),
           open_ended=True),
-    Route("search", "POST", "search", rewrite.rewrite_search, filter="search_body"),
+    Route("search", "POST", "search", _events(rewrite.rewrite_search, filter="search_body")),
     # Dendrite's MSC2836 (opt-in): whole events in `events`.
     Route("event_relationships", "POST", "event_relationships",
-          rewrite.rewrite_event_relationships),
-    Route("notifications", "GET", "notifications", rewrite.rewrite_notifications),
-    Route("initial_sync", "GET", "initialSync", rewrite.rewrite_initial_sync),
+          _events(rewrite.rewrite_event_relationships)),
+    Route("notifications", "GET", "notifications", _events(rewrite.rewrite_notifications)),
+    Route("initial_sync", "GET", "initialSync", _events(rewrite.rewrite_initial_sync)),
     Route("room_initial_sync", "GET", "rooms/{room_id}/initialSync",
-          rewrite.rewrite_room_initial_sync),
+          _events(rewrite.rewrite_room_initial_sync)),
     Route("timestamp_to_event", "GET", "rooms/{room_id}/timestamp_to_event",
-          nearest_unignored=True),
-    Route("versions", "GET", "versions", public_rewriter=rewrite.add_msc4406_feature),
+          TimestampToEvent()),
+    Route("versions", "GET", "versions", Versions()),
     Route("ignore_list", "PUT", "user/{user_id}/account_data/{type=m.ignored_user_list}",
-          ignore_list_write=True, open_ended=True),
+          _IGNORE_LIST, open_ended=True),
     Route("ignore_list", "DELETE", "user/{user_id}/account_data/{type=m.ignored_user_list}",
-          ignore_list_write=True, open_ended=True),
-    Route("logout", "POST", "logout", evicts="token"),
-    Route("logout", "POST", "logout/all", evicts="user"),
-    Route("devices", "DELETE", "devices/{device_id}", evicts="user"),
-    Route("devices", "POST", "delete_devices", evicts="user", open_ended=True),
-    Route("password", "POST", "account/password", evicts="user"),
-    Route("refresh", "POST", "refresh", evicts="token"),
+          _IGNORE_LIST, open_ended=True),
+    Route("logout", "POST", "logout", _EVICTS_TOKEN),
+    Route("logout", "POST", "logout/all", _EVICTS_USER),
+    Route("devices", "DELETE", "devices/{device_id}", _EVICTS_USER),
+    Route("devices", "POST", "delete_devices", _EVICTS_USER, open_ended=True),
+    Route("password", "POST", "account/password", _EVICTS_USER),
+    Route("refresh", "POST", "refresh", _EVICTS_TOKEN),
 )  # fmt: skip
 
 

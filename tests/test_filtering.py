@@ -78,7 +78,7 @@ async def test_user_who_ignores_nobody_gets_the_bytes_upstream_sent(
     async def never_read(*_: object) -> bytes:
         raise AssertionError("read a body that needed no filtering")
 
-    monkeypatch.setattr("ignore_proxy.proxy.read_body", never_read)
+    monkeypatch.setattr("ignore_proxy.calls.read_body", never_read)
     app = build_app(homeserver)
     async with client_for(app, "charlie-token") as charlie:
         response = await charlie.get(f"/_matrix/client/v3/rooms/{ROOM}/messages")

@@ -23,7 +23,7 @@ import httpx
 import pytest
 
 from ignore_proxy.pool import Response, Timeouts, UpstreamPool
-from ignore_proxy.responses import (
+from ignore_proxy.answer_body import (
     BodyTooLarge,
     NotUtf8Json,
     UnreadableBody,
@@ -1077,7 +1077,7 @@ async def test_relay_drops_content_length_where_there_is_no_content(
 ) -> None:
     """uvicorn would wait for the bytes a 204's or 304's Content-Length announces and
     fail the answer ("Response content shorter than Content-Length")."""
-    from ignore_proxy.responses import relay
+    from ignore_proxy.replies import Relay, send_reply
 
     raw = answer(
         b"",
@@ -1096,7 +1096,7 @@ async def test_relay_drops_content_length_where_there_is_no_content(
             async def send(message: dict[str, object]) -> None:
                 sent.append(message)
 
-            await relay(send, response)  # type: ignore[arg-type]
+            await send_reply(send, Relay(response))  # type: ignore[arg-type]
             await response.aclose()
             headers = sent[0]["headers"]
             assert isinstance(headers, list)
@@ -1109,7 +1109,7 @@ async def test_relay_drops_content_length_where_there_is_no_content(
 
 
 async def test_relay_of_an_answer_cut_mid_body_ends_without_completing_it() -> None:
-    from ignore_proxy.responses import relay
+    from ignore_proxy.replies import Relay, send_reply
 
     async with stand_in(lambda c, r: [answer(b"0123456789")[:-5], 0.02, RESET]) as server:
         pool = UpstreamPool(server.url, max_connections=4, max_keepalive_connections=4)
@@ -1120,7 +1120,7 @@ async def test_relay_of_an_answer_cut_mid_body_ends_without_completing_it() -> N
             async def send(message: dict[str, object]) -> None:
                 sent.append(message)
 
-            await asyncio.wait_for(relay(send, response), NEVER_HANG)  # type: ignore[arg-type]
+            await asyncio.wait_for(send_reply(send, Relay(response)), NEVER_HANG)  # type: ignore[arg-type]
             await response.aclose()
             # The last message still says more is to come: uvicorn cuts the connection
             # rather than end a truncated answer as if it were whole.

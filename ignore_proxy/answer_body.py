@@ -1,4 +1,5 @@
-"""Respond: relay an upstream answer as it came, or with a body the proxy rewrote."""
+"""Reading an answer the proxy must judge: the whole body, decoded, bounded and checked
+to be UTF-8 JSON."""
 
 from __future__ import annotations
 
@@ -6,9 +7,8 @@ import logging
 import zlib
 
 import httpx
-from starlette.types import Send
 
-from .upstream import BODY_HEADERS, UpstreamResponse, forwardable
+from .upstream import UpstreamResponse
 
 log = logging.getLogger(__name__)
 
@@ -27,40 +27,6 @@ class NotUtf8Json(UnreadableBody):
     """An answer to be filtered that is not UTF-8 (RFC 8259 8.1: JSON between systems is
     UTF-8): the filters match user IDs as UTF-8 bytes and could miss them in another
     encoding."""
-
-
-# Statuses whose answers have no content, whatever Content-Length says (RFC 9110 8.6):
-# relayed with it, uvicorn would wait for that many bytes and fail the answer.
-_NO_CONTENT = frozenset({204, 304})
-_CONTENT_LENGTH = frozenset({b"content-length"})
-_NO_DROP: frozenset[bytes] = frozenset()
-
-
-async def relay(send: Send, response: UpstreamResponse) -> None:
-    """Stream an upstream answer byte for byte: status, raw header pairs, raw body."""
-    await send(
-        {
-            "type": "http.response.start",
-            "status": response.status_code,
-            "headers": forwardable(
-                response.headers,
-                _CONTENT_LENGTH if response.status_code in _NO_CONTENT else _NO_DROP,
-            ),
-        }
-    )
-    more = True
-    try:
-        async for chunk in response.aiter_raw():
-            # The last chunk ends the answer itself: one message fewer per small answer.
-            more = not response.at_eof
-            await send({"type": "http.response.body", "body": chunk, "more_body": more})
-    except httpx.TransportError as exc:
-        # The status line is gone already: all that is left is to cut the connection, so
-        # the client sees a truncated answer rather than a complete-looking one.
-        log.warning("upstream failed mid-body: %s", type(exc).__name__)
-        return
-    if more:
-        await send({"type": "http.response.body", "body": b"", "more_body": False})
 
 
 def _header(response: UpstreamResponse, name: bytes) -> bytes | None:
@@ -169,11 +135,3 @@ def check_utf8_json(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         raise NotUtf8Json("answer starting with a byte order mark")
     if b"\x00" in body[:4]:
         raise NotUtf8Json("answer in UTF-16 or UTF-32")
-
-
-async def send_rewritten(send: Send, response: UpstreamResponse, body: bytes) -> None:
-    """Send upstream's status and headers with a new body (and its own length)."""
-    headers = forwardable(response.headers, BODY_HEADERS)
-    headers.append((b"content-length", str(len(body)).encode()))
-    await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
-    await send({"type": "http.response.body", "body": body})
