@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import msgspec
 
-__all__ = ["Mentions", "mentions_any"]
+__all__ = ["Mentions", "escapes_of", "mentions_any"]
 
 _SHORT_ESCAPES = {
     '"': '"',
@@ -122,6 +122,14 @@ class Mentions:
                 break
         pairs = zip(sorted(user_ids), self._needles, strict=True)
         return frozenset(uid for uid, needle in pairs if needle in found), False
+
+
+@lru_cache(maxsize=256)
+def escapes_of(chars: frozenset[str]) -> re.Pattern[bytes] | None:
+    """A search for every escape sequence that may spell one of ``chars`` (None: no
+    character has one); as ``Mentions.escapes_in``, backslash parity is ignored."""
+    alternatives = _escape_alternatives(chars)
+    return re.compile("|".join(alternatives).encode("ascii")) if alternatives else None
 
 
 @lru_cache(maxsize=256)
