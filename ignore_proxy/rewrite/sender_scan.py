@@ -53,6 +53,7 @@ _MAX_TRIES: Final = 32
 """``{`` tried back from a key before giving up (then the exact walk runs): bounds what a
 body with many braces before a ``sender`` member costs here."""
 _stdlib = json.JSONDecoder()
+_STATE: Final[dict[str, Raw]] = {}
 
 
 def event_sender(members: dict[str, Raw]) -> str | None:
@@ -109,6 +110,8 @@ def holds_no_ignored_event(body: bytes, ignored: frozenset[str]) -> bool:
         members = _object_around(body, text, key, end)
         if members is None:
             return False
+        if members is _STATE:
+            continue
         sender = event_sender(members)
         if sender is not None and sender in ignored and "state_key" not in members:
             return False
@@ -137,16 +140,20 @@ def _sender_key_before(body: bytes, start: int) -> int:
 
 def _object_around(body: bytes, text: str, key: int, value_end: int) -> dict[str, Raw] | None:
     """The members of the innermost object holding the member whose key opens at
-    ``key`` and whose value closes at ``value_end``; None if it was not found."""
+    ``key`` and whose value closes at ``value_end``; ``_STATE`` if that object has a
+    ``state_key`` (whatever else it holds, it is no hidden event); None if it was not
+    found."""
     at = key
     for _ in range(_MAX_TRIES):
         at = body.rfind(b"{", 0, at)
         if at < 0:
             return None
         try:
-            _, end = _stdlib.raw_decode(text, at)
+            found, end = _stdlib.raw_decode(text, at)
         except (ValueError, RecursionError):
             continue
         if end > value_end:
-            return split_object(body[at:end])
+            # A key reads "state_key" in the text decoded as Latin-1 exactly when it
+            # does in UTF-8: only its ASCII bytes or escapes can spell that.
+            return _STATE if "state_key" in found else split_object(body[at:end])
     return None
