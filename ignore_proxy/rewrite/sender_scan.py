@@ -23,7 +23,10 @@ A parse starting at the first kind reads the rest of that string as structure an
 structure after it as strings (every unescaped quote flips both readings, and the one
 that goes wrong has no backslash to lean on), so it fails at the key at the latest; a
 parse starting at the second kind ends before the key. The first ``{`` back from the key
-whose parse covers the member is therefore the object's own.
+whose parse covers the member is therefore the object's own. (A match may start at a
+quote escaped inside a longer key, ``"x\\"sender"``: the braces between the key's real
+start and it are then inside a string, and the object found is the one holding that
+key, judged as any other.)
 
 Not JSON: a body no JSON parser reads holds no objects, and is left alone (the exact
 walk refuses such a body if it starts with a bracket and mentions an ignored user; this
@@ -101,7 +104,7 @@ def holds_no_ignored_event(body: bytes, ignored: frozenset[str]) -> bool:
         if key < 0:
             continue
         end = body.find(b'"', start)
-        if body[start:end] not in searches.needles:
+        if end < 0 or body[start:end] not in searches.needles:
             # not all of the string (one ID may begin another: the whole string is looked up)
             continue
         if text is None:
