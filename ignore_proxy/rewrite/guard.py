@@ -17,11 +17,13 @@ nothing of its sender's.
 Meant to run only when the mention scan finds an ignored ID in the rewritten body. The
 walk uses an explicit stack (any depth), and copies only the containers on the way to
 what it removes: the rest of the tree is shared with its input, which is not changed.
-That walk visits every object of the answer (~50 ms for the benchmark's rewritten 8 MB
-``/sync`` here, plus ~40 ms to decode it); ``guard_body`` does the same on the raw body,
-splitting only the parts that mention an ignored user and splicing the rest back
-untouched (~27 ms there, where the ignored user's state events keep a room in ten
-relevant; far less for most answers).
+That walk visits every object of the answer (plus a decode of all of it);
+``guard_body_exact`` does the same on the raw body, splitting only the parts that mention
+an ignored user and splicing the rest back untouched. That still reads a big answer
+once per level on the way to each mention, and the ignored users' state events, which
+stay, are mentions in many rooms of a ``/sync``. So ``guard_body`` first tries to show
+from the bytes that there is nothing to remove (``sender_scan``), and walks only when
+it cannot.
 """
 
 from __future__ import annotations
@@ -43,12 +45,14 @@ from .raw import (
     split_object,
 )
 from .scan import mentions_any
+from .sender_scan import event_sender, holds_no_ignored_event
 from .types import IgnoreContext, Rewriter, Rewritten
 
 __all__ = [
     "Guarded",
     "IgnoredEventLeft",
     "guard_body",
+    "guard_body_exact",
     "remove_ignored_events",
     "rewrite_guarded",
 ]
@@ -157,6 +161,13 @@ def guard_body(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """``remove_ignored_events`` on a raw JSON body (a rewriter's answer): None if
     nothing was removed, else the new body, what was not removed byte for byte as it
     was. IgnoredEventLeft as there. A body that is not JSON is left alone."""
+    if holds_no_ignored_event(body, ctx.ignored):
+        return None
+    return guard_body_exact(body, ctx)
+
+
+def guard_body_exact(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
+    """``guard_body`` by walking the body, without its byte-level shortcut."""
     run = Run(ctx, body)
     if not run.anything:
         return None
@@ -193,11 +204,8 @@ def _guard_raw(raw: Raw, path: Path, run: Run) -> Raw | None:
             raise RecursionError
         return None
     # the members, not head_of(raw): that would parse all of a big object once more
-    sender = decode_value(members["sender"]) if "sender" in members else None
-    event = isinstance(sender, str) and all(
-        key in members and isinstance(decode_value(members[key]), str)
-        for key in ("event_id", "type")
-    )
+    sender = event_sender(members)
+    event = sender is not None
     hidden = event and sender in run.ignored
     if hidden and "state_key" not in members and not _raw_is_redaction_stub(members, path):
         run.removed += 1

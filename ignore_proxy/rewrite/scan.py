@@ -23,7 +23,7 @@ from functools import lru_cache
 
 import msgspec
 
-__all__ = ["Mentions", "mentions_any"]
+__all__ = ["Mentions", "escapes_of", "mentions_any"]
 
 _SHORT_ESCAPES = {
     '"': '"',
@@ -37,22 +37,36 @@ _SHORT_ESCAPES = {
 }
 
 
-def _hex_pattern(code: int) -> str:
-    digits = f"{code:04x}"
-    return "".join(f"[{d}{d.upper()}]" if d.isalpha() else d for d in digits)
+def _either_case(digit: str) -> str:
+    return f"[{digit}{digit.upper()}]" if digit.isalpha() else digit
+
+
+def _hex_trie(suffixes: set[str]) -> str:
+    """A regex for these equally long lowercase hex strings, in either case, sharing
+    their common prefixes: Synapse writes every non-ASCII character as ``\\uXXXX``, and
+    the search tries each alternative at each of them; shared digits are tried once."""
+    if len(next(iter(suffixes))) == 1:
+        if len(suffixes) == 1:
+            return _either_case(next(iter(suffixes)))
+        return "[" + "".join(d + d.upper() if d.isalpha() else d for d in sorted(suffixes)) + "]"
+    heads: dict[str, set[str]] = {}
+    for suffix in suffixes:
+        heads.setdefault(suffix[0], set()).add(suffix[1:])
+    parts = [_either_case(h) + _hex_trie(rest) for h, rest in sorted(heads.items())]
+    return parts[0] if len(parts) == 1 else "(?:" + "|".join(parts) + ")"
 
 
 def _escape_alternatives(chars: Iterable[str]) -> list[str]:
-    alts: set[str] = set()
+    codes: set[str] = set()
     for ch in chars:
         code = ord(ch)
         if code > 0xFFFF:
             code -= 0x10000
-            alts.add(_hex_pattern(0xD800 + (code >> 10)))
-            alts.add(_hex_pattern(0xDC00 + (code & 0x3FF)))
+            codes.add(f"{0xD800 + (code >> 10):04x}")
+            codes.add(f"{0xDC00 + (code & 0x3FF):04x}")
         else:
-            alts.add(_hex_pattern(code))
-    out = [r"\\u(?:" + "|".join(sorted(alts)) + ")"] if alts else []
+            codes.add(f"{code:04x}")
+    out = [r"\\u" + _hex_trie(codes)] if codes else []
     shorts = sorted(re.escape(_SHORT_ESCAPES[ch]) for ch in set(chars) if ch in _SHORT_ESCAPES)
     if shorts:
         out.append(r"\\(?:" + "|".join(shorts) + ")")
@@ -122,6 +136,14 @@ class Mentions:
                 break
         pairs = zip(sorted(user_ids), self._needles, strict=True)
         return frozenset(uid for uid, needle in pairs if needle in found), False
+
+
+@lru_cache(maxsize=256)
+def escapes_of(chars: frozenset[str]) -> re.Pattern[bytes] | None:
+    """A search for every escape sequence that may spell one of ``chars`` (None: no
+    character has one); as ``Mentions.escapes_in``, backslash parity is ignored."""
+    alternatives = _escape_alternatives(chars)
+    return re.compile("|".join(alternatives).encode("ascii")) if alternatives else None
 
 
 @lru_cache(maxsize=256)

@@ -14,6 +14,7 @@ from ignore_proxy.rewrite.guard import (
     IgnoredEventLeft,
     find_ignored_events,
     guard_body,
+    guard_body_exact,
     json_pointer,
     remove_ignored_events,
 )
@@ -185,6 +186,11 @@ def test_guard_body_splices_untouched_parts() -> None:
     out = guard_body(deep, CTX)  # deeper than its own recursion: the decoded walk
     assert out is not None and out.removed == 1
     assert out.body == b"[" * 900 + b"]" * 900
-    too_deep = b'{"a":' + b"[" * 3000 + b'"@spam:evil.example"' + b"]" * 3000 + b"}"
-    with pytest.raises(IgnoredEventLeft):  # unreadable, and it mentions an ignored user
+    event = json.dumps(_ignored_event(1)).encode()
+    too_deep = b'{"a":' + b"[" * 3000 + event + b"]" * 3000 + b"}"
+    with pytest.raises(IgnoredEventLeft):  # unreadable, and it holds an ignored user's event
         guard_body(too_deep, CTX)
+    mention = b'{"a":' + b"[" * 3000 + b'"@spam:evil.example"' + b"]" * 3000 + b"}"
+    with pytest.raises(IgnoredEventLeft):  # the walk cannot read it
+        guard_body_exact(mention, CTX)
+    assert guard_body(mention, CTX) is None  # the bytes show no event of theirs
