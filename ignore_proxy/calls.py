@@ -257,11 +257,16 @@ class Services:
 
     # -- reading and rewriting answers ----------------------------------------------------
 
-    async def read_answer(self, response: UpstreamResponse, limit: int | None = None) -> bytes:
+    async def read_answer(
+        self, response: UpstreamResponse, limit: int | None = None, *, empty_ok: bool = False
+    ) -> bytes:
         """The whole answer, decoded, if it is a UTF-8 JSON object of at most `limit`
-        bytes; else a 502: the proxy never passes what it could not read."""
+        bytes (or, `empty_ok`, nothing at all); else a 502: the proxy never passes what
+        it could not read."""
         try:
             body = await read_body(response, limit or self.settings.limits.max_rewrite_body)
+            if empty_ok and not body.strip(b" \t\r\n"):
+                return body
             check_utf8_json(response.headers, body)
             if not body.lstrip(b" \t\r\n").startswith(b"{"):
                 # Every answer the proxy reads is a JSON object; anything else (a

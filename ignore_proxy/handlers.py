@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Callable
 from typing import Literal
 from urllib.parse import parse_qsl
@@ -35,6 +36,8 @@ FilterKind = Literal["query", "query_or_stored", "search_body"]
 # Searched for like a user ID: escapes in the body can spell it too.
 _IGNORE_LIST_TYPE = frozenset({"m.ignored_user_list"})
 _ERROR_BODY_LIMIT = 64 * 1024
+_EVENT_ID = re.compile(rb'"event_id"')
+_UNJUDGED_ERROR = "The homeserver's error answer held events the proxy could not judge"
 
 
 def _succeeded(status: int) -> bool:
@@ -206,7 +209,33 @@ class FilteredRead(Handler):
         return await self.answer(svc, call, response, body, user_id, ignored)
 
     async def respond_error(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
-        return Relay(response)
+        body = await svc.read_answer(response, _ERROR_BODY_LIMIT, empty_ok=True)
+        return await self.judged_error(svc, call, response, body)
+
+    async def judged_error(
+        self, svc: Services, call: Call, response: UpstreamResponse, body: bytes
+    ) -> Reply:
+        """An error answer, read: errors carry no events, and one that holds an ignored
+        user's is not relayed as it came (the guard takes it out, or the answer is
+        refused)."""
+        assert call.user is not None
+        try:
+            user_id = await call.user
+            ignored = await svc.list_now(call, user_id)
+        except ListUnavailable:
+            # Whose list applies is unknown (a dead token's 401, say): no event passes.
+            if _EVENT_ID.search(body) is not None or b"\\u" in body:
+                raise MatrixError(502, "M_UNKNOWN", _UNJUDGED_ERROR) from None
+            return Rewritten(response, body)
+        if ignored and rewrite.mentions_any(body, ignored):
+            ctx = rewrite.IgnoreContext(ignored, user_id, svc.settings.ignore.filter_ephemeral)
+            try:
+                guarded = rewrite.guard_body(body, ctx)
+            except rewrite.IgnoredEventLeft:
+                raise MatrixError(502, "M_UNKNOWN", _UNJUDGED_ERROR) from None
+            if guarded is not None:
+                body = guarded.body
+        return Rewritten(response, body)
 
     async def hidden_path_event(self, svc: Services, call: Call, user_id: str) -> Reply | None:
         """The answer to give instead, if the request is about an event the user may not
@@ -265,10 +294,10 @@ class SingleEvent(FilteredRead):
     homeserver's own "sender ignored" error is normalised to the same shape."""
 
     async def respond_error(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
-        body = await svc.read_answer(response, _ERROR_BODY_LIMIT)
+        body = await svc.read_answer(response, _ERROR_BODY_LIMIT, empty_ok=True)
         own_answer = rewrite.normalise_sender_ignored(response.status_code, body)
         if own_answer is None:
-            return Rewritten(response, body)
+            return await self.judged_error(svc, call, response, body)
         return svc.sender_ignored(own_answer.sender)
 
 
