@@ -12,17 +12,28 @@ phone is enough."""
 from __future__ import annotations
 
 import asyncio
+import json
 
 import httpx
 import pytest
 
 from ignore_proxy.app import create_app
 from ignore_proxy.config import load_settings
-from tests.fake_homeserver import ALICE, BOB, CHARLIE, ROOM, FakeHomeserver, client_for, message
+from tests.fake_homeserver import (
+    ALICE,
+    BOB,
+    CHARLIE,
+    ROOM,
+    FakeHomeserver,
+    _Stream,
+    client_for,
+    message,
+)
 
 SYNC = "/_matrix/client/v3/sync"
 LIST = f"/_matrix/client/v3/user/{ALICE}/account_data/m.ignored_user_list"
 MESSAGES = f"/_matrix/client/v3/rooms/{ROOM}/messages"
+JSON_TYPE = {"content-type": "application/json"}
 
 
 @pytest.mark.xfail(strict=True, reason="a stale sync answer's account data overwrites a newer PUT")
@@ -64,4 +75,40 @@ async def test_a_sync_answer_older_than_a_put_does_not_undo_it() -> None:
         assert (await initial_sync).status_code == 200
         page = await phone.get(MESSAGES)
     assert page.status_code == 200
+    assert "bob after the ignore" not in page.text, page.text
+
+
+@pytest.mark.xfail(
+    strict=True, reason="the proxy trusts the path's user; Conduit writes the sender's"
+)
+async def test_a_put_under_another_path_user_still_updates_the_list() -> None:
+    """Conduit (and grapevine) serve `PUT /user/{userId}/account_data/{type}` for the
+    sender, never reading `{userId}` (`set_global_account_data_route` uses
+    `body.sender_user`). `Proxy._remember_written_list` stores the list only when the
+    path's user is the sender: alice's list changed on the homeserver, not in the
+    proxy, until `ignore.list_ttl` or a sync that carries it."""
+    hs = FakeHomeserver()
+    hs.account_data[ALICE] = {"ignored_users": {}}
+    hs.answers[("GET", f"/rooms/{ROOM}/messages")] = {
+        "chunk": [message("$b1", BOB, "bob after the ignore")],
+        "start": "t1",
+    }
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        if request.method == "PUT" and "/account_data/" in request.url.path:
+            user = hs.user_of(request)  # as Conduit: the sender's, whatever the path says
+            assert user is not None
+            hs.account_data[user] = json.loads(request.content)
+            return httpx.Response(200, headers=JSON_TYPE, stream=_Stream(b"{}"))
+        return hs(request)
+
+    settings = load_settings(environ={"IGNORE_PROXY_UPSTREAM": "http://hs.test"})
+    app = create_app(settings, transport=httpx.MockTransport(handler))
+    async with client_for(app, "alice-token") as alice:
+        assert "bob after the ignore" in (await alice.get(MESSAGES)).text  # list loaded
+        other = "/_matrix/client/v3/user/%40Alice%3Ahs/account_data/m.ignored_user_list"
+        put = await alice.put(other, json={"ignored_users": {BOB: {}}})
+        assert put.status_code == 200
+        assert hs.account_data[ALICE] == {"ignored_users": {BOB: {}}}
+        page = await alice.get(MESSAGES)
     assert "bob after the ignore" not in page.text, page.text

@@ -9,7 +9,16 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fake_homeserver import ALICE, BOB, CHARLIE, ROOM, FakeHomeserver, build_app, client_for, message
+from tests.fake_homeserver import (
+    ALICE,
+    BOB,
+    CHARLIE,
+    ROOM,
+    FakeHomeserver,
+    build_app,
+    client_for,
+    message,
+)
 
 SYNC = "/_matrix/client/v3/sync"
 

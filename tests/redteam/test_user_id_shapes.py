@@ -14,7 +14,15 @@ from __future__ import annotations
 
 import pytest
 
-from tests.fake_homeserver import ALICE, CHARLIE, ROOM, FakeHomeserver, build_app, client_for, message
+from tests.fake_homeserver import (
+    ALICE,
+    CHARLIE,
+    ROOM,
+    FakeHomeserver,
+    build_app,
+    client_for,
+    message,
+)
 
 SYNC = "/_matrix/client/v3/sync"
 LIST = f"/_matrix/client/v3/user/{ALICE}/account_data/m.ignored_user_list"
