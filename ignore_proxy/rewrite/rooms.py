@@ -279,7 +279,8 @@ def _initial_sync_room(item: Raw, run: Run) -> Raw | None:
 def rewrite_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Legacy ``GET /initialSync``: in ``rooms[]`` filter ``messages.chunk`` (``state``
     kept) and drop rooms the user was invited to by an ignored user (``inviter``, the
-    ``invite`` event or the invite in ``state``). ``presence``, ``account_data`` untouched."""
+    ``invite`` event or the invite in ``state``); ignored users' ``presence`` events
+    dropped with ``filter_ephemeral``. ``account_data`` untouched."""
     started = start(body, ctx)
     if started is None:
         return None
@@ -287,4 +288,6 @@ def rewrite_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     changed = edit(
         top, "rooms", lambda raw: edit_items(raw, run, lambda i: _initial_sync_room(i, run))
     )
+    if ctx.filter_ephemeral:
+        changed |= edit(top, "presence", lambda raw: filter_events(raw, run))
     return finish(top, run, changed)

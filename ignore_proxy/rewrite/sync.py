@@ -349,6 +349,25 @@ def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
     return (top.rooms, ordered) if pos == len(body) else None
 
 
+def without_ignored_presence(members: dict[str, Raw], run: Run) -> bool:
+    """`presence.events` without the ignored users' (with ``filter_ephemeral``): an
+    `m.presence` event is sent by its user, and its `status_msg` is their words. The
+    bytes this takes out of the compact text are counted in ``run.shrunk``."""
+    raw = members.get("presence")
+    if raw is None or not run.ctx.filter_ephemeral or not run.relevant(raw):
+        return False
+    section = split_object(raw)
+    events = None if section is None else section.get("events")
+    kept = None if events is None else filter_events(events, run)
+    if section is None or kept is None:
+        return False
+    section["events"] = kept
+    encoded = encode_object(section)
+    run.shrunk += len(raw) - len(encoded)
+    members["presence"] = encoded
+    return True
+
+
 @without_gc
 def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """Filter a ``/sync`` response.
@@ -365,7 +384,11 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     if split is not None:
         deep, members = split
         run = Run(ctx, body)
-        if not run.anything or not _sync_deep(deep, run):
+        if not run.anything:
+            return None
+        changed = _sync_deep(deep, run)
+        changed |= without_ignored_presence(members, run)
+        if not changed:
             return None
         rendered = render(members)
         # Rendered unedited, the tree would be this long; if that is the length of the
@@ -377,25 +400,27 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     if started is None:
         return None
     top, run = started
+    presence_changed = without_ignored_presence(top, run)
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
-        return None
+        return finish(top, run, presence_changed)
     rooms_deep = split_object5(rooms_raw)
     if rooms_deep is not None:
         changed = _sync_deep(rooms_deep, run)
         if changed:
             top["rooms"] = encode_object(cast(dict[str, Raw], rooms_deep))
-        return finish(top, run, changed)
+        return finish(top, run, changed or presence_changed)
     sections = split_object2(rooms_raw)
     if sections is not None:
         changed = _sections(sections, run, _rooms_in, _invites_in)
         if changed:
             top["rooms"] = encode_object(sections)
-        return finish(top, run, changed)
+        return finish(top, run, changed or presence_changed)
     rooms = split_object(rooms_raw)
     if rooms is None:
-        return None
-    changed = edit(rooms, "join", lambda raw: _rooms(raw, run, joined=True))
+        return finish(top, run, presence_changed)
+    changed = presence_changed
+    changed |= edit(rooms, "join", lambda raw: _rooms(raw, run, joined=True))
     changed |= edit(rooms, "leave", lambda raw: _rooms(raw, run, joined=False))
     changed |= edit(rooms, "invite", lambda raw: _invites(raw, run))
     if changed:

@@ -7,8 +7,6 @@ not drop them either (`handlers/presence.py` knows no ignore list)."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests.fake_homeserver import (
     ALICE,
     BOB,
@@ -23,7 +21,6 @@ from tests.fake_homeserver import (
 SYNC = "/_matrix/client/v3/sync"
 
 
-@pytest.mark.xfail(strict=True, reason="presence.events of ignored users are not filtered")
 async def test_an_ignored_users_status_message_is_not_delivered() -> None:
     hs = FakeHomeserver()
     hs.ignore(ALICE, BOB)

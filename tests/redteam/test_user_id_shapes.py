@@ -29,7 +29,6 @@ LIST = f"/_matrix/client/v3/user/{ALICE}/account_data/m.ignored_user_list"
 SHAPES = ["@b\u00adob:evil.example", "@bob\u200b:evil.example", "@bo\u00a0b:evil.example"]
 
 
-
 @pytest.mark.parametrize("harasser", SHAPES)
 async def test_such_a_user_can_be_ignored(harasser: str) -> None:
     hs = FakeHomeserver()
@@ -37,7 +36,6 @@ async def test_such_a_user_can_be_ignored(harasser: str) -> None:
     async with client_for(app, "alice-token") as alice:
         put = await alice.put(LIST, json={"ignored_users": {harasser: {}}})
     assert put.status_code == 200, put.text
-
 
 
 @pytest.mark.parametrize("harasser", SHAPES)

@@ -112,7 +112,7 @@ def sync_body(
     return {
         "next_batch": "s72595_4483_1934",
         "rooms": rooms,
-        "presence": {"events": [{"type": "m.presence", "sender": SPAM, "content": {}}]},
+        "presence": {"events": [{"type": "m.presence", "sender": ALICE, "content": {}}]},
         "account_data": {"events": []},
         "to_device": {"events": []},
     }

@@ -230,12 +230,12 @@ def test_initial_sync() -> None:
         "end": "x",
     }
     out = rewrite_initial_sync(dumps(body_obj), CTX)
-    assert out is not None and out.removed == 4
+    assert out is not None and out.removed == 5
     parsed = loads(out.body)
     assert [r["room_id"] for r in parsed["rooms"]] == ["!j:x", "!i4:x", "!l:x"]
     assert parsed["rooms"][0]["messages"] == {"chunk": [keep], "start": "s", "end": "e"}
     assert parsed["rooms"][0]["state"] == joined["state"]
-    assert parsed["presence"] == body_obj["presence"]
+    assert parsed["presence"] == []  # an ignored user's presence is dropped
     assert parsed["rooms"][1] == invited_ok
 
 

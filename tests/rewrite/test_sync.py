@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from ignore_proxy.rewrite import InvalidBody, rewrite_sync
+from ignore_proxy.rewrite import IgnoreContext, InvalidBody, rewrite_sync
 from tests.rewrite.factories import (
     ALICE,
     BOB,
@@ -75,9 +75,12 @@ def test_leave_rooms_are_filtered_too() -> None:
     assert ids(_timeline(out.body, R1, "leave")) == [keep["event_id"]]
 
 
-def test_state_state_after_presence_account_data_to_device_untouched() -> None:
+def test_state_state_after_account_data_to_device_untouched_presence_filtered() -> None:
 
     body_obj = sync_body({R1: [event(SPAM)]}, room_state={R1: [state(SPAM), state(ALICE)]})
+    alice_presence = {"type": "m.presence", "sender": ALICE, "content": {}}
+    spam_presence = {"type": "m.presence", "sender": SPAM, "content": {"status_msg": "hi"}}
+    body_obj["presence"] = {"events": [spam_presence, alice_presence]}
     body_obj["rooms"]["join"][R1]["state_after"] = {"events": [state(SPAM, "m.room.topic")]}
     body_obj["to_device"] = {"events": [{"type": "m.room_key", "sender": SPAM, "content": {}}]}
     body_obj["account_data"] = {"events": [{"type": "m.direct", "content": {SPAM: ["!x:y"]}}]}
@@ -89,9 +92,13 @@ def test_state_state_after_presence_account_data_to_device_untouched() -> None:
     original = body_obj["rooms"]["join"][R1]
     for key in ("state", "state_after", "account_data", "unread_notifications"):
         assert room[key] == original[key]
-    for key in ("presence", "to_device", "account_data", "next_batch"):
+    for key in ("to_device", "account_data", "next_batch"):
         assert parsed[key] == body_obj[key]
     assert room["timeline"]["events"] == []
+    # An ignored user's presence is theirs (`status_msg` is their words): dropped.
+    assert parsed["presence"] == {"events": [alice_presence]}
+    unfiltered = rewrite_sync(body, IgnoreContext(CTX.ignored, CTX.user_id, filter_ephemeral=False))
+    assert unfiltered is not None and loads(unfiltered.body)["presence"] == body_obj["presence"]
 
 
 def test_untouched_parts_are_byte_identical() -> None:
