@@ -68,6 +68,9 @@ class CredentialsRefused(Exception):
 # Either reading yields this token or none, so both spellings name the same user.
 _BEARER = re.compile(rb"[Bb][Ee][Aa][Rr][Ee][Rr] ([!-~]+)")
 _TOKEN = re.compile(r"[!-~]+")
+_FORM_TYPES = re.compile(
+    rb"\s*(?:application/x-www-form-urlencoded|multipart/form-data)\s*(?:;|$)", re.IGNORECASE
+)
 _ACCESS_TOKEN: Final = b"access_token"
 _USER_ID: Final = b"user_id"
 _DEVICE_ID: Final = b"device_id"
@@ -75,7 +78,7 @@ _CREDENTIAL_PARAMS: Final = frozenset({_ACCESS_TOKEN, _USER_ID, _DEVICE_ID, _UNS
 
 
 def credentials_from_request(
-    headers: Iterable[tuple[bytes, bytes]], query: bytes
+    headers: Iterable[tuple[bytes, bytes]], query: bytes, *, has_body: bool = False
 ) -> Credentials | None:
     """The credentials a request carries, read the way every homeserver reads them.
 
@@ -96,6 +99,14 @@ def credentials_from_request(
       not, and Go drops an item holding `;`);
     - a token that is empty or not visible ASCII.
     """
+    headers = list(headers)
+    if has_body and any(
+        name.lower() == b"content-type" and _FORM_TYPES.match(value) is not None
+        for name, value in headers
+    ):
+        # Twisted (Synapse) reads a form body into the same parameters as the query:
+        # `access_token` and `user_id` there would be credentials the proxy never saw.
+        raise CredentialsRefused(400, "M_NOT_JSON", "Request bodies must be JSON")
     authorization = [value for name, value in headers if name.lower() == b"authorization"]
     by_ampersand = _credential_params(query.split(b"&"))
     if b";" in query:

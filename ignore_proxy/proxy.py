@@ -148,7 +148,7 @@ class Proxy:
         calls.append(call)
         if handler.needs_identity:
             try:
-                call.creds = credentials_from_request(headers, query)
+                call.creds = credentials_from_request(headers, query, has_body=body is not None)
             except CredentialsRefused as exc:
                 raise MatrixError(exc.status, exc.errcode, exc.error) from None
         await handler.prepare(self.services, call)

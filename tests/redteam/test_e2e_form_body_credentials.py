@@ -38,7 +38,6 @@ def _search_body(token: str) -> bytes:
     ).encode()
 
 
-@pytest.mark.xfail(strict=True, reason="credentials in a form-urlencoded POST body are not read")
 async def test_token_only_in_a_form_body(world: World) -> None:
     """No header, no query token: the proxy sees nobody and relays; Synapse serves
     alice's search with bob's message in it."""
@@ -48,9 +47,9 @@ async def test_token_only_in_a_form_body(world: World) -> None:
     resp = await raw_request(w.target.url, "POST", f"{CS}/search", FORM,
                              _search_body(w.alice.access_token))  # fmt: skip
     assert "bob formbody words" not in resp.text, resp.text
+    assert resp.status_code == 400 and resp.json()["errcode"] == "M_NOT_JSON", resp.text
 
 
-@pytest.mark.xfail(strict=True, reason="a form body token replaces the query token upstream")
 async def test_form_body_token_overrides_the_query_token(world: World) -> None:
     """`?access_token=<dave>` (dave is in no room and ignores nobody: the proxy relays
     untouched); the body's `access_token=<alice>` replaces it in Twisted's args, so
@@ -65,6 +64,6 @@ async def test_form_body_token_overrides_the_query_token(world: World) -> None:
         FORM,
         _search_body(w.alice.access_token).replace(b"formbody", b"formbody override"),
     )
-    assert resp.status_code == 200, resp.text
-    # the answer is alice's (Synapse acted as her) but was judged with dave's list
+    # the answer would be alice's (Synapse acts as her) judged with dave's list: refused
     assert "bob formbody override" not in resp.text, resp.text
+    assert resp.status_code == 400 and resp.json()["errcode"] == "M_NOT_JSON", resp.text
