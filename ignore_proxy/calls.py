@@ -122,6 +122,7 @@ class Call:
     user_to_evict: str | None = None
     event_fields: tuple[str, ...] | None = None  # the client's, applied to the answer
     poll_ms: int | None = None  # a long-poll's timeout given in the body (MSC4186)
+    asked_at: float = 0.0  # when it went upstream (the ignore-list store's clock)
 
     @property
     def route_name(self) -> str:

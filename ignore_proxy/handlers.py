@@ -136,9 +136,13 @@ class IgnoreListWrite(Handler):
                 user_id = await call.user
             except ListUnavailable:
                 return Relay(response)
-            # Only ever under the authenticated user's own key.
+            # Only ever under the authenticated user's own key. A homeserver that took a
+            # write under another user's path (Conduit stores the sender's, whatever the
+            # path says) may have changed the sender's list: read it again.
             if user_id == call.found.params["user_id"]:
                 svc.ignore_lists.set(user_id, call.new_list)
+            else:
+                svc.ignore_lists.invalidate(user_id)
         return Relay(response)
 
 
@@ -201,7 +205,7 @@ class FilteredRead(Handler):
             with contextlib.suppress(rewrite.InvalidBody):
                 seen = self.account_data(body)
                 if seen is not None:
-                    svc.ignore_lists.set(user_id, seen)
+                    svc.ignore_lists.set(user_id, seen, asked_at=call.asked_at)
         try:
             ignored = await svc.list_now(call, user_id)
         except ListUnavailable:

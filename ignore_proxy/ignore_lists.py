@@ -134,6 +134,9 @@ class IgnoreListStore:
         self._retry_after = min(retry_after, ttl)
         self._timer = timer
         self._entries: LRUCache[str, _Entry] = LRUCache(max_users)
+        # When each user's list last changed by a write (here or in a sibling worker): an
+        # answer asked for before then may carry the list as it was (see `set`).
+        self._changed_at: LRUCache[str, float] = LRUCache(max_users)
         self._loads: dict[str, _Load] = {}
         self.loads = 0  # upstream account-data reads
         self.failures = 0  # reads that failed (5xx, timeout, connection, 401/403, bad body)
@@ -172,8 +175,19 @@ class IgnoreListStore:
         entry = self._entries.get(user_id)
         return entry.ignored if entry is not None else frozenset()
 
-    def set(self, user_id: str, ignored: frozenset[str]) -> None:
-        """Record a list known to be current (a PUT through the proxy, or seen in /sync)."""
+    def now(self) -> float:
+        """The store's clock, for `set(..., asked_at=)`."""
+        return self._timer()
+
+    def set(self, user_id: str, ignored: frozenset[str], *, asked_at: float | None = None) -> None:
+        """Record a list known to be current: a write through the proxy, or (`asked_at`:
+        when the request went upstream) the list an answer carried. An answer asked for
+        before the last write may carry the list as it was before it, and is not taken:
+        a slow initial sync must not undo an "ignore" made meanwhile."""
+        if asked_at is None:
+            self._changed_at[user_id] = self._timer()
+        elif asked_at <= self._changed_at.get(user_id, float("-inf")):
+            return
         self._supersede(user_id)
         ignored = ignored - {user_id}
         before = self._entries.get(user_id)
@@ -181,7 +195,16 @@ class IgnoreListStore:
         if self.on_change is not None and (before is None or before.ignored != ignored):
             self.on_change(user_id)
 
+    def invalidate(self, user_id: str) -> None:
+        """A write whose outcome the proxy cannot know: read the list again, here and
+        in the sibling workers."""
+        self.forget(user_id)
+        if self.on_change is not None:
+            self.on_change(user_id)
+
     def forget(self, user_id: str) -> None:
+        """Drop a user's list: it changed elsewhere (a sibling worker) and is read again."""
+        self._changed_at[user_id] = self._timer()
         self._supersede(user_id)
         self._entries.pop(user_id, None)
 

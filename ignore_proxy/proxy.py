@@ -154,6 +154,7 @@ class Proxy:
         await handler.prepare(self.services, call)
         if handler.reads_answer:
             call.headers = _whole_identity_answer(call.headers)
+        call.asked_at = self.services.ignore_lists.now()
         response = await self._forward(
             exchange, method, raw_path, call.query, call.headers, call.body, call.poll_ms
         )

@@ -421,3 +421,24 @@ async def test_hits_and_misses_are_counted() -> None:
     await store.ensure_fresh("@a:hs", creds)
     assert (store.misses, store.hits, store.loads) == (1, 2, 1)
     await client.aclose()
+
+
+def test_an_answer_asked_for_before_the_last_write_does_not_undo_it(
+    store: IgnoreListStore, clock: Clock
+) -> None:
+    asked_before = store.now()
+    clock.now += 1
+    store.set(ALICE, frozenset({BOB}))  # a PUT through the proxy
+    store.set(ALICE, frozenset(), asked_at=asked_before)  # a slow sync's old list
+    assert store.current(ALICE) == frozenset({BOB})
+    clock.now += 1
+    store.set(ALICE, frozenset({EVE}), asked_at=store.now())  # asked for after it: taken
+    assert store.current(ALICE) == frozenset({EVE})
+
+
+def test_a_siblings_change_counts_as_a_write(store: IgnoreListStore, clock: Clock) -> None:
+    asked_before = store.now()
+    clock.now += 1
+    store.forget(ALICE)
+    store.set(ALICE, frozenset(), asked_at=asked_before)
+    assert not store.known(ALICE)  # read again, never the old list taken for current
