@@ -92,6 +92,8 @@ def _events_with_threads(
             members.items() if members is not None else enumerate(items or [])
         )
         for child_key, child in children:
+            if child_key == "content" and members is not None:
+                continue  # an event's content is its sender's words, not a summary
             child_room = child_key if key in _ROOM_SECTIONS and isinstance(child_key, str) else room
             stack.append((child, child_room, child_key))
 
@@ -142,6 +144,8 @@ def _fix(node: Raw, counts: Mapping[str, int]) -> Raw | None:
             return fixed
         changed = False
         for key, value in members.items():
+            if key == "content":
+                continue  # its sender's words: a summary quoted there is not the thread's
             new = _fix(value, counts)
             if new is not None:
                 members[key], changed = new, True

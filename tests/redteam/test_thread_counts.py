@@ -11,8 +11,6 @@ alice's client shows that thread with the reply count charlie chose."""
 
 from __future__ import annotations
 
-import pytest
-
 from tests.fake_homeserver import (
     ALICE,
     BOB,
@@ -27,7 +25,6 @@ from tests.fake_homeserver import (
 MESSAGES = f"/_matrix/client/v3/rooms/{ROOM}/messages"
 
 
-@pytest.mark.xfail(strict=True, reason="a summary quoted in content decides a real root's count")
 async def test_a_summary_quoted_in_content_does_not_set_a_real_threads_count() -> None:
     hs = FakeHomeserver()
     hs.ignore(ALICE, BOB)
