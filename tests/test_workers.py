@@ -119,6 +119,8 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
         proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
     ):
         workers = children(proxy.process.pid)
+        assert len(workers) == 2, "the proxy did not start two workers"
+        assert not any(_zombie(pid) for pid in workers)
         proxy.process.kill()  # SIGKILL: no chance to stop them
         proxy.process.wait()
         deadline = time.monotonic() + 5
