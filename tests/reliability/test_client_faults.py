@@ -104,18 +104,31 @@ async def open_raw(
     return await asyncio.open_connection(sock=sock, limit=1 << 16)
 
 
-async def test_disconnect_mid_long_poll_releases_the_upstream(
-    clean: ProxyProcess, upstream: RawUpstream, events: Events
+# README: "A client that goes away releases its upstream request ... within 0.2 s". The
+# proxy watches for the hang-up only once a request is 0.2 s old, so a client hanging up
+# at once waits for that; one hanging up later is released in ~1 ms. The margin is for
+# scheduling on a loaded 2-core machine: 10 runs with both cores busy (load 5) released in
+# 0.165-0.197 s (at once) and 0.001-0.002 s (later), so 0.1 s is 50 times the worst delay
+# seen past the proxy's own 0.2 s, and a watcher started later than promised still fails.
+RELEASE_PROMISED = 0.2
+RELEASE_MARGIN = 0.1
+
+
+@pytest.mark.parametrize("hang_up_after", [0.0, 0.5], ids=["at-once", "later"])
+async def test_disconnect_mid_long_poll_releases_the_upstream_within_0_2_s(
+    clean: ProxyProcess, upstream: RawUpstream, events: Events, hang_up_after: float
 ) -> None:
     closes = len(events.peer_closed)
     reader, writer = await open_raw(clean)
     writer.write(request_bytes("GET", SYNC + "?timeout=30000", "alice-token"))
     assert await asyncio.to_thread(wait_until, lambda: upstream.open == 1)
-    await asyncio.sleep(0.2)
+    await asyncio.sleep(hang_up_after)
     hung_up = time.monotonic()
     writer.transport.abort()
     assert await asyncio.to_thread(wait_until, lambda: len(events.peer_closed) > closes, 5)
-    print(f"long-poll: upstream released {events.peer_closed[-1] - hung_up:.3f}s after hang-up")
+    released = events.peer_closed[-1] - hung_up
+    print(f"long-poll: upstream released {released:.3f}s after hang-up")
+    assert released < RELEASE_PROMISED + RELEASE_MARGIN
 
 
 async def test_disconnect_mid_download_and_slow_reader(
