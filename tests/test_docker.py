@@ -235,6 +235,7 @@ def _clean_environ(bin_dir: Path, env: dict[str, str]) -> dict[str, str]:
     return {**keep, **env, "PATH": f"{bin_dir}{os.pathsep}{keep.get('PATH', '')}"}
 
 
+@pytest.mark.slow
 def test_replayed_image_installs_serves_and_passes_its_healthcheck(
     stages: list[Stage], tmp_path: Path
 ) -> None:

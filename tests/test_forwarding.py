@@ -210,6 +210,7 @@ def test_a_sliding_sync_timeout_in_the_body_is_a_long_poll(upstream: tuple[Upstr
         assert slow.status_code == 504
 
 
+@pytest.mark.slow
 def test_many_idle_long_polls_do_not_exhaust_the_pool(
     proxy: ProxyProcess, upstream: tuple[Upstream, str]
 ) -> None:

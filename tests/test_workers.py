@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from ignore_proxy.workers import Siblings
 
@@ -49,6 +50,7 @@ def sync_on_a_new_connection(url: str) -> str:
         return response.text
 
 
+@pytest.mark.slow
 def test_two_workers_serve_and_stop_together(tmp_path: Path) -> None:
     with (
         serve_upstream(HomeserverOnSocket(homeserver())) as upstream,

@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from ..servers import free_port, run_proxy
 from .harness import (
@@ -57,6 +58,7 @@ async def sync_latency(url: str, n: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 async def test_token_flood() -> None:
     async def ok(req: Request, conn: Conn) -> bool:
         await conn.json(200, {"next_batch": "s"})
