@@ -211,7 +211,7 @@ def replay(stages: list[Stage], work: Path) -> tuple[Path, Path, dict[str, str]]
             elif instruction.name == "RUN":
                 # Container-absolute paths (`/wheels`, `/src`) live under this stage's root.
                 prefix = f"{root}/"
-                command = _PATH.sub(lambda _, prefix=prefix: prefix, instruction.args)
+                command = _PATH.sub(prefix.replace("\\", "\\\\"), instruction.args)
                 subprocess.run(
                     ["bash", "-euo", "pipefail", "-c", command],
                     cwd=cwd,
