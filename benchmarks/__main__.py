@@ -141,7 +141,7 @@ class Bench:
             targets += ["proxy+log"] if key == "tiny" else []
             results[key] = {t: [] for t in targets}
             for round_ in range(args.rounds):
-                order = targets[round_ % len(targets):] + targets[: round_ % len(targets)]
+                order = targets[round_ % len(targets) :] + targets[: round_ % len(targets)]
                 for target in order:
                     base, proc = bases[target]
                     res = self._wrk(base + path, proc)

@@ -10,6 +10,7 @@ import json
 import os
 import random
 from pathlib import Path
+from typing import Any
 
 USER = "@alice:bench.example"
 IGNORED = "@spam:bench.example"
@@ -17,9 +18,9 @@ TOKEN = "syt_YmVuY2g_benchmarktoken_0abc"
 ROOM = "!benchroom:bench.example"
 
 WHOAMI = {"user_id": USER, "device_id": "BENCHDEV", "is_guest": False}
-IGNORE_LIST = {"ignored_users": {IGNORED: {}}}
-PUSHRULES = {"global": {"content": [], "override": [], "room": [], "sender": [],
-                        "underride": []}}  # fmt: skip
+IGNORE_LIST: dict[str, Any] = {"ignored_users": {IGNORED: {}}}
+PUSHRULES: dict[str, Any] = {"global": {"content": [], "override": [], "room": [], "sender": [],
+                                  "underride": []}}  # fmt: skip
 
 _WORDS = [
     "hello", "world", "matrix", "proxy", "sync", "room", "event", "ignore", "filter",

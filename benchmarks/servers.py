@@ -46,7 +46,7 @@ def wait_port(port: int, timeout: float = 15.0) -> None:
 
 def _upstream_conf(files: dict[str, Path]) -> str:
     def exact(path: str, name: str, mime: str = "application/json") -> str:
-        return (f"location = {path} {{ default_type {mime}; alias {files[name]}; }}\n")
+        return f"location = {path} {{ default_type {mime}; alias {files[name]}; }}\n"
 
     def inline(path: str, name: str) -> str:
         body = files[name].read_text()

@@ -103,7 +103,7 @@ class Upstream:
                 body_size,
             )
         )
-        query = dict(
+        query: dict[str, str] = dict(
             part.split("=", 1) for part in scope["query_string"].decode().split("&") if "=" in part
         )
         if path.startswith("/bytes/"):

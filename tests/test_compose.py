@@ -62,6 +62,13 @@ def test_only_nginx_is_published_and_never_the_metrics_port(name: str) -> None:
         if service_name != "nginx":
             assert not ports, f"{service_name} publishes {ports}"
         published += ports
+    # nginx publishes the port its shipped config listens on, and only that.
+    nginx = services["nginx"]
+    (shipped,) = (COMPOSE_DIR / volume.split(":")[0] for volume in nginx["volumes"])
+    listens = set(re.findall(r"^\s*listen (\d+);", shipped.read_text(), re.M))
+    assert len(listens) == 1, listens
+    assert published, "nginx publishes no port"
+    assert {port.rsplit(":", 1)[-1].split("/")[0] for port in published} == listens, published
     for port in published:
         numbers = {int(n) for n in re.findall(r"\d+", port.rsplit(":", 2)[-1])}
         assert metrics_port not in numbers and 8010 not in numbers, port

@@ -211,7 +211,7 @@ def replay(stages: list[Stage], work: Path) -> tuple[Path, Path, dict[str, str]]
             elif instruction.name == "RUN":
                 # Container-absolute paths (`/wheels`, `/src`) live under this stage's root.
                 prefix = f"{root}/"
-                command = _PATH.sub(lambda _, prefix=prefix: prefix, instruction.args)
+                command = _PATH.sub(prefix.replace("\\", "\\\\"), instruction.args)
                 subprocess.run(
                     ["bash", "-euo", "pipefail", "-c", command],
                     cwd=cwd,
@@ -235,6 +235,7 @@ def _clean_environ(bin_dir: Path, env: dict[str, str]) -> dict[str, str]:
     return {**keep, **env, "PATH": f"{bin_dir}{os.pathsep}{keep.get('PATH', '')}"}
 
 
+@pytest.mark.slow
 def test_replayed_image_installs_serves_and_passes_its_healthcheck(
     stages: list[Stage], tmp_path: Path
 ) -> None:

@@ -210,6 +210,7 @@ def test_a_sliding_sync_timeout_in_the_body_is_a_long_poll(upstream: tuple[Upstr
         assert slow.status_code == 504
 
 
+@pytest.mark.slow
 def test_many_idle_long_polls_do_not_exhaust_the_pool(
     proxy: ProxyProcess, upstream: tuple[Upstream, str]
 ) -> None:
@@ -238,7 +239,7 @@ def test_pool_exhaustion_is_503(upstream: tuple[Upstream, str]) -> None:
     env = {"IGNORE_PROXY_LIMITS_MAX_CONNECTIONS": "1", "IGNORE_PROXY_TIMEOUTS_POOL": "0.3"}
     with run_proxy(url, env) as proxy:
 
-        async def two_at_once() -> list[httpx.Response]:
+        async def two_at_once() -> tuple[httpx.Response, httpx.Response]:
             async with httpx.AsyncClient(timeout=10) as client:
                 return await asyncio.gather(
                     client.get(proxy.url + "/hold?seconds=1.5&timeout=1500"),
@@ -383,8 +384,7 @@ def tls_files(tmp_path_factory: pytest.TempPathFactory) -> dict[str, str]:
 
 def test_an_https_upstream_is_verified_and_used(tls_files: dict[str, str]) -> None:
     app = Upstream()
-    tls = {"ssl_certfile": tls_files["cert"]}
-    with serve_upstream(app, **tls) as url:
+    with serve_upstream(app, ssl_certfile=tls_files["cert"]) as url:
         # Trusted the usual way for OpenSSL (as for a private CA): the proxy forwards.
         with run_proxy(url, {"SSL_CERT_FILE": tls_files["ca"]}) as proxy:
             response = httpx.post(proxy.url + "/_matrix/client/v3/keys/query", content=b"{}")

@@ -211,6 +211,7 @@ def send_traffic(proxy: RunningProxy) -> list[str]:
     return ids
 
 
+@pytest.mark.slow
 def test_metrics_listener_serves_the_series_after_real_traffic(tmp_path: Path) -> None:
     with (
         serve_upstream(HomeserverOnSocket(homeserver(), hold=1.0)) as upstream,

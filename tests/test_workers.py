@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 import httpx
+import pytest
 
 from ignore_proxy.workers import Siblings
 
@@ -49,6 +50,7 @@ def sync_on_a_new_connection(url: str) -> str:
         return response.text
 
 
+@pytest.mark.slow
 def test_two_workers_serve_and_stop_together(tmp_path: Path) -> None:
     with (
         serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
@@ -119,6 +121,8 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
         proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
     ):
         workers = children(proxy.process.pid)
+        assert len(workers) == 2, "the proxy did not start two workers"
+        assert not any(_zombie(pid) for pid in workers)
         proxy.process.kill()  # SIGKILL: no chance to stop them
         proxy.process.wait()
         deadline = time.monotonic() + 5

@@ -179,12 +179,12 @@ def credential_variant(
     headers: list[tuple[bytes, bytes]] = []
     items: list[str] = []
     if rng.random() < 0.5:  # as clients send them: one token, maybe a masquerade
-        who = rng.choice(list(pop.tokens))
+        holder = rng.choice(list(pop.tokens))
         if rng.random() < 0.5:
-            headers.append((b"authorization", f"Bearer {token[who]}".encode()))
+            headers.append((b"authorization", f"Bearer {token[holder]}".encode()))
         else:
-            items.append(f"access_token={quote(token[who], safe='')}")
-        if who == "as" and rng.random() < 0.8:
+            items.append(f"access_token={quote(token[holder], safe='')}")
+        if holder == "as" and rng.random() < 0.8:
             masked = rng.choice([n for n in pop.user_ids if n.startswith("as_")])
             items.append(f"user_id={quote(pop.user_ids[masked], safe='')}")
         return headers, items

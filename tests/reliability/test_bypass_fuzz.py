@@ -237,6 +237,7 @@ def served_user(universe: Universe, request: httpx.Request) -> str | None:
     database=None,
     suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
 )
+@pytest.mark.slow
 @given(case=fuzzed_request())
 def test_no_spelling_bypasses_the_filter(
     world: tuple[asyncio.AbstractEventLoop, Universe, httpx.AsyncClient, dict[str, int]],

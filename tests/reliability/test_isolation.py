@@ -15,6 +15,7 @@ from collections.abc import Callable, Iterator
 from typing import Any
 
 import httpx
+import pytest
 import uvicorn
 
 from ..fake_homeserver import build_app
@@ -122,6 +123,7 @@ async def hammer(
     return figures
 
 
+@pytest.mark.slow
 async def test_100_users_in_process() -> None:
     universe = Universe()
     app = build_app(universe.homeserver)
@@ -139,6 +141,7 @@ async def test_100_users_in_process() -> None:
     assert universe.homeserver.calls["whoami"] == universe.users
 
 
+@pytest.mark.slow
 async def test_100_users_through_an_appservice_token() -> None:
     universe = Universe(seed=9)
     universe.homeserver.appservice_token = "as-token"
@@ -233,6 +236,7 @@ def universe_upstream(seed: int) -> Iterator[str]:
         process.wait(10)
 
 
+@pytest.mark.slow
 async def test_100_users_through_the_real_proxy() -> None:
     universe = Universe(seed=10)
     with universe_upstream(10) as upstream, run_proxy(upstream) as proxy:

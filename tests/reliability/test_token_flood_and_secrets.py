@@ -12,6 +12,7 @@ import sys
 import time
 
 import httpx
+import pytest
 
 from ..servers import free_port, run_proxy
 from .harness import (
@@ -57,6 +58,7 @@ async def sync_latency(url: str, n: int) -> list[float]:
     return out
 
 
+@pytest.mark.slow
 async def test_token_flood() -> None:
     async def ok(req: Request, conn: Conn) -> bool:
         await conn.json(200, {"next_batch": "s"})
@@ -113,37 +115,91 @@ async def test_token_flood() -> None:
         assert max(during) < 2.0
 
 
-TOKENS = ["syt_SECRETalice_token_0123", "syt_SECRETcharlie_9876"]
+# Every token holds SECRET: none may reach a log line or a metric.
+ALICE_TOKEN = "syt_SECRETalice_token_0123"
+CHARLIE_TOKEN = "syt_SECRETcharlie_9876"
+NO_LIST_TOKEN = "syt_SECRETdave_list_down_4321"  # the homeserver fails reading dave's list
+NO_WHOAMI_TOKEN = "syt_SECRETerin_whoami_down_77"  # ... and looking up erin's token
+INVALID_TOKEN = "syt_SECRETinvalid_5555"  # refused credentials (whoami 401)
+TOKENS = [ALICE_TOKEN, CHARLIE_TOKEN, NO_LIST_TOKEN, NO_WHOAMI_TOKEN, INVALID_TOKEN]
+
+# Filtered routes, each with its request body (None: a GET).
+FILTERED = {
+    "sync": ("GET", SYNC, None),
+    "sliding_sync": ("POST", "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync", b"{}"),
+    "messages": ("GET", "/_matrix/client/v3/rooms/!r:hs/messages", None),
+    "event": ("GET", "/_matrix/client/v3/rooms/!r:hs/event/$x", None),
+}
+# What the stand-in does on a filtered route when asked by `?fault=`, and the status the
+# client must get for a token with a readable list.
+FAULTS = {
+    "": 200,
+    "500": 500,  # the homeserver's error, passed on
+    "401": 401,  # the token refused by the route itself (revoked meanwhile)
+    "stall": 504,  # no answer within timeouts.read
+    "reset": 502,  # the connection cut before an answer
+    "malformed": 502,  # a body the filter cannot read: fail closed
+}
+# Spellings of filtered routes that homeservers read differently: the matcher refuses
+# them (400) before any upstream request (ignore_proxy/routes.py). A path matching no
+# route (`/sync/stall`) is no error path: it passes through untouched.
+REFUSED = {
+    "refused_sync": ("GET", "/_matrix/client/v3/Sync", None),
+    "refused_event": ("GET", "/_matrix/client/v3/rooms/!r:hs/event/$x%2Fy", None),
+}
 
 
 async def test_no_token_in_logs_or_metrics_and_no_cookie_crosses_users() -> None:
+    """On every filtered route's error paths (upstream error, timeout, reset, malformed
+    body, ignore list or identity unavailable, refused credentials, refused path), at
+    debug level, in both log formats: no token in a log line or a metric."""
     cookies_seen: list[tuple[str, bytes]] = []
 
     async def route(req: Request, conn: Conn) -> bool:
         cookies_seen.append((req.token or "", req.headers.get(b"cookie", b"")))
-        if "stall" in req.path:
+        fault = req.query.get("fault", [""])[0]
+        if fault == "500":
+            await conn.json(500, {"errcode": "M_UNKNOWN", "error": "down"})
+        elif fault == "401":
+            await conn.json(401, {"errcode": "M_UNKNOWN_TOKEN", "error": "revoked"})
+        elif fault == "stall":
             await conn.idle(5)
             return False
-        if "reset" in req.path:
+        elif fault == "reset":
             conn.reset()
             return False
-        if "bad" in req.path:
+        elif fault == "malformed":
             await conn.respond(200, b'{"rooms": "@bob:hs" truncated')
-            return True
-        await conn.respond(
-            200,
-            b'{"next_batch": "s"}',
-            extra=b"set-cookie: session=%s; Path=/\r\n" % (req.token or "").encode(),
-        )
+        else:
+            await conn.respond(
+                200,
+                b'{"next_batch": "s", "chunk": []}',
+                extra=b"set-cookie: session=%s; Path=/\r\n" % (req.token or "").encode(),
+            )
         return True
 
     homeserver = MiniHomeserver(
         route=route,
-        tokens={TOKENS[0]: "@alice:hs", TOKENS[1]: "@charlie:hs"},
+        tokens={
+            ALICE_TOKEN: "@alice:hs",
+            CHARLIE_TOKEN: "@charlie:hs",
+            NO_LIST_TOKEN: "@dave:hs",
+            NO_WHOAMI_TOKEN: "@erin:hs",
+        },
     )
+
+    async def standin(req: Request, conn: Conn) -> bool | None:
+        if req.token == NO_WHOAMI_TOKEN and req.path.endswith("/account/whoami"):
+            await conn.json(500, {"errcode": "M_UNKNOWN", "error": "down"})
+            return True
+        if req.token == NO_LIST_TOKEN and "/account_data/m.ignored_user_list" in req.path:
+            await conn.json(500, {"errcode": "M_UNKNOWN", "error": "down"})
+            return True
+        return await homeserver(req, conn)
+
     metrics_port = free_port()
     for fmt in ("text", "json"):
-        with raw_upstream(homeserver) as upstream:
+        with raw_upstream(standin) as upstream:
             env = {
                 "IGNORE_PROXY_LOGGING_LEVEL": "debug",
                 "IGNORE_PROXY_LOGGING_FORMAT": fmt,
@@ -170,22 +226,7 @@ async def test_no_token_in_logs_or_metrics_and_no_cookie_crosses_users() -> None
             url = f"http://127.0.0.1:{port}"
             try:
                 assert wait_until(lambda: _live(url), 20)
-                paths = [
-                    SYNC,
-                    SYNC + "/stall",
-                    "/_matrix/client/v3/rooms/!r/messages/reset",
-                    "/_matrix/client/v3/rooms/!r:hs/messages",
-                    SYNC + "bad",
-                    "/_matrix/client/v3/rooms/!r:hs/event/$x",
-                ]
-                for token in (*TOKENS, "syt_SECRETinvalid_5555"):
-                    for path in paths:
-                        for raw in (
-                            request_bytes("GET", path, token),
-                            request_bytes("GET", f"{path}?access_token={token}&timeout=1"),
-                            request_bytes("GET", f"{path}?access_token={token}&user_id=%40x"),
-                        ):
-                            await fetch(url, raw)
+                statuses = await _every_error_path(url)
                 await fetch(url, b"GARBAGE /x?access_token=syt_SECRETgarbage HTTP/1.1\r\n\r\n")
                 metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics").text
             finally:
@@ -194,6 +235,7 @@ async def test_no_token_in_logs_or_metrics_and_no_cookie_crosses_users() -> None
             with open(log_path, encoding="utf-8", errors="replace") as log_file:
                 logged = log_file.read()
             os.unlink(log_path)
+            _assert_each_error_path_was_taken(statuses)
             assert logged.count("\n") > 10, logged[:500]  # debug level did log
             assert "SECRET" not in logged, [ln for ln in logged.splitlines() if "SECRET" in ln]
             assert "SECRET" not in metrics
@@ -201,6 +243,54 @@ async def test_no_token_in_logs_or_metrics_and_no_cookie_crosses_users() -> None
     for token, cookie in cookies_seen:
         assert cookie == b"", f"a cookie reached upstream with {token[:12]}: {cookie!r}"
     print(f"secrets: {len(cookies_seen)} upstream requests, no cookie, no token in logs/metrics")
+
+
+Statuses = dict[tuple[str, str, str], set[int | None]]  # (token, route, fault): statuses
+
+
+async def _every_error_path(url: str) -> Statuses:
+    """Each token, on each filtered route, with each fault, the token in each place a
+    client may put it; all at once (the stalls take timeouts.read)."""
+    keys: list[tuple[str, str, str]] = []
+    requests = []
+    for token in TOKENS:
+        for name, (method, path, body) in {**FILTERED, **REFUSED}.items():
+            for fault in FAULTS if name in FILTERED else [""]:
+                query = f"fault={fault}&" if fault else ""
+                for raw in (
+                    request_bytes(method, f"{path}?{query}", token, body=body),
+                    request_bytes(method, f"{path}?{query}access_token={token}", body=body),
+                    request_bytes(
+                        method, f"{path}?{query}access_token={token}&user_id=%40x", body=body
+                    ),
+                ):
+                    keys.append((token, name, fault))
+                    requests.append(fetch(url, raw))
+    answers = await asyncio.gather(*requests)
+    statuses: Statuses = {}
+    for key, answer in zip(keys, answers, strict=True):
+        statuses.setdefault(key, set()).add(None if answer is None else answer.status)
+    return statuses
+
+
+def _assert_each_error_path_was_taken(statuses: Statuses) -> None:
+    """The answers show that each request took the error path meant for it."""
+    for (token, name, fault), seen in statuses.items():
+        upstream_failed = fault not in ("", "malformed")
+        if name in REFUSED:
+            expected = {400}
+        elif token == INVALID_TOKEN:
+            expected = {401}
+        elif token in (NO_LIST_TOKEN, NO_WHOAMI_TOKEN):
+            # Nothing to filter unknown: 503. The homeserver's own failure needs no
+            # filtering and may be passed on first.
+            expected = {503, FAULTS[fault]} if upstream_failed else {503}
+        elif token == CHARLIE_TOKEN and fault == "malformed":
+            expected = {200}  # charlie ignores nobody: his answers are never parsed
+        else:
+            expected = {FAULTS[fault]}
+        assert seen and seen <= expected, (token[:16], name, fault, seen)
+    assert len(statuses) == len(TOKENS) * (len(FILTERED) * len(FAULTS) + len(REFUSED))
 
 
 def _live(url: str) -> bool:

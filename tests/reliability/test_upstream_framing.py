@@ -395,7 +395,7 @@ FRAMING = [
     ),
     fails(
         "header section that never ends, in many writes",
-        [b"HTTP/1.1 200 OK\r\n", *([b"x: " + b"a" * 600 + b"\r\n", 0.01] * 4), HOLD],
+        [b"HTTP/1.1 200 OK\r\n", *((b"x: " + b"a" * 600 + b"\r\n", 0.01) * 4), HOLD],
         Protocol,
         "too large",
         max_header_bytes=1024,

@@ -68,12 +68,16 @@ def test_ignored_users_from_sync() -> None:
             {"account_data": {"events": [{"type": "m.ignored_user_list", "content": content}]}}
         )
 
-    assert ignored_users_from_sync(body({"ignored_users": {SPAM: {}, TROLL: {}}})) == {SPAM, TROLL}
+    assert ignored_users_from_sync(body({"ignored_users": {SPAM: {}, TROLL: {}}})) == frozenset(
+        {SPAM, TROLL}
+    )
     assert ignored_users_from_sync(body({"ignored_users": {}})) == frozenset()
     assert ignored_users_from_sync(body({"ignored_users": [SPAM]})) == frozenset()
     assert ignored_users_from_sync(body({})) == frozenset()
     assert ignored_users_from_sync(body("x")) == frozenset()
-    assert ignored_users_from_sync(body({"ignored_users": {"nope": {}, "": {}, SPAM: 1}})) == {SPAM}
+    assert ignored_users_from_sync(
+        body({"ignored_users": {"nope": {}, "": {}, SPAM: 1}})
+    ) == frozenset({SPAM})
     assert ignored_users_from_sync(dumps({"account_data": {"events": []}})) is None
     assert ignored_users_from_sync(dumps({"next_batch": "x"})) is None
     assert ignored_users_from_sync(dumps({"account_data": {"events": "x"}})) is None
@@ -83,13 +87,13 @@ def test_ignored_users_from_sync() -> None:
         b'{"account_data":{"events":[{"type":"m.ignored_user_list",'
         b'"content":{"ignored_users":{"\\u0040spam:evil.example":{}}}}]}}'
     )
-    assert ignored_users_from_sync(raw) == {SPAM}
+    assert ignored_users_from_sync(raw) == frozenset({SPAM})
 
 
 def test_ignored_users_from_sliding_sync() -> None:
     event = {"type": "m.ignored_user_list", "content": {"ignored_users": {SPAM: {}}}}
     body = dumps({"extensions": {"account_data": {"global": [event], "rooms": {}}}})
-    assert ignored_users_from_sliding_sync(body) == {SPAM}
+    assert ignored_users_from_sliding_sync(body) == frozenset({SPAM})
     assert (
         ignored_users_from_sliding_sync(dumps({"extensions": {"account_data": {"global": []}}}))
         is None

@@ -230,7 +230,7 @@ def test_sync_sticky_events(key: str, spaced: bool) -> None:
 def test_sliding_sync_sticky_extension(ephemeral: bool) -> None:
     keep, drop = event(ALICE, unsigned=thread_unsigned(TROLL)), event(SPAM)
     del keep["room_id"]  # as sliding sync sends events: the stale thread is named by the key
-    ext = {
+    ext: dict[str, Any] = {
         "org.matrix.msc4354.sticky_events": {
             "next_batch": "s1",
             "rooms": {"!a:x": {"events": [drop, keep]}, "!b:x": {"events": [event(BOB)]}},

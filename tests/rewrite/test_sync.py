@@ -1,6 +1,7 @@
 from __future__ import annotations
 
 import json
+from typing import Any
 
 import pytest
 
@@ -193,7 +194,8 @@ def test_typing_event_kept_when_it_becomes_empty() -> None:
 
 
 def test_bundled_thread_summary_with_ignored_latest_event_is_removed() -> None:
-    root = event(ALICE, unsigned=thread_unsigned(SPAM, **{"m.annotation": {"chunk": []}}))
+    annotations: dict[str, Any] = {"m.annotation": {"chunk": []}}
+    root = event(ALICE, unsigned=thread_unsigned(SPAM, **annotations))
     root_only_thread = event(BOB, unsigned=thread_unsigned(TROLL))
     fine = event(BOB, unsigned=thread_unsigned(ALICE))
     body = dumps(_rooms({R1: [root, root_only_thread, fine]}))

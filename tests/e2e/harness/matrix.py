@@ -136,7 +136,8 @@ class Actor:
     async def create_room(self, **kwargs: Any) -> str:
         resp = await self.nio.room_create(**kwargs)
         assert isinstance(resp, RoomCreateResponse), resp
-        return resp.room_id
+        room_id: str = resp.room_id
+        return room_id
 
     async def invite(self, room_id: str, user_id: str) -> None:
         resp = await self.nio.room_invite(room_id, user_id)
@@ -150,19 +151,22 @@ class Actor:
         content: JSON = {"msgtype": "m.text", "body": body, **extra}
         resp = await self.nio.room_send(room_id, "m.room.message", content)
         assert isinstance(resp, RoomSendResponse), resp
-        return resp.event_id
+        event_id: str = resp.event_id
+        return event_id
 
     async def send_event(self, room_id: str, event_type: str, content: JSON) -> str:
         resp = await self.nio.room_send(room_id, event_type, content)
         assert isinstance(resp, RoomSendResponse), resp
-        return resp.event_id
+        event_id: str = resp.event_id
+        return event_id
 
     async def put_state(
         self, room_id: str, event_type: str, content: JSON, state_key: str = ""
     ) -> str:
         resp = await self.nio.room_put_state(room_id, event_type, content, state_key)
         assert isinstance(resp, RoomPutStateResponse), resp
-        return resp.event_id
+        event_id: str = resp.event_id
+        return event_id
 
 
 async def login_new_device(http: httpx.AsyncClient, base_url: str, user: RegisteredUser) -> Actor:
