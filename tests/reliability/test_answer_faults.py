@@ -36,6 +36,7 @@ import zlib
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import cast
 
 import httpx
 import pytest
@@ -568,7 +569,8 @@ CASES: list[Case] = [
     case(
         "103 early hints before the answer",
         lambda b: [
-            b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n" + plain(200)(b)[0]
+            b"HTTP/1.1 103 Early Hints\r\nlink: </a>; rel=preload\r\n\r\n"
+            + cast(bytes, plain(200)(b)[0])
         ],
         200,
         200,
@@ -1007,7 +1009,7 @@ def log_size(path: Path) -> int:
 
 
 def params() -> list[object]:
-    out = []
+    out: list[object] = []
     for c in CASES:
         marks = [pytest.mark.xfail(strict=True, reason=c.xfail)] if c.xfail else []
         out.append(pytest.param(c, id=c.name, marks=marks))

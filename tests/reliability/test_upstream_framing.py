@@ -22,7 +22,6 @@ from typing import Any
 import httpx
 import pytest
 
-from ignore_proxy.pool import Response, Timeouts, UpstreamPool
 from ignore_proxy.answer_body import (
     BodyTooLarge,
     NotUtf8Json,
@@ -30,6 +29,7 @@ from ignore_proxy.answer_body import (
     check_utf8_json,
     read_body,
 )
+from ignore_proxy.pool import Response, Timeouts, UpstreamPool
 
 # Steps of a script: bytes are written (and drained), a float is a pause in seconds.
 CLOSE = "close"  # FIN
