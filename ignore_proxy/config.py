@@ -65,7 +65,7 @@ class Identity(_Section, frozen=True):
 
 class Ignore(_Section, frozen=True):
     errcode: Literal["M_SENDER_IGNORED", "UK.TIMEDOUT.MSC4406.SENDER_IGNORED"] = "M_SENDER_IGNORED"
-    # Drop typing notifications and read receipts of ignored users.
+    # Drop typing notifications, read receipts and presence of ignored users.
     filter_ephemeral: bool = True
     # Leave rooms that ignored users invite the user to, on the user's behalf.
     reject_invites: bool = False
