@@ -26,15 +26,18 @@ class BoundedHeadersProtocol(HttpToolsProtocol):
     _in_headers = True
     _tail = b""  # the last bytes seen, in case the blank line is split between reads
 
-    def on_message_begin(self) -> None:
-        self._header_bytes = 0
-        self._in_headers = True
-        self._tail = b""
-        super().on_message_begin()
-
     def on_headers_complete(self) -> None:
         self._in_headers = False
         super().on_headers_complete()
+
+    def on_message_complete(self) -> None:
+        # The next request on a kept-alive connection is counted from its first byte.
+        # Not in `on_message_begin`: the parser calls it while being fed a read that
+        # was counted already, and a reset there forgot that read.
+        self._header_bytes = 0
+        self._in_headers = True
+        self._tail = b""
+        super().on_message_complete()
 
     def data_received(self, data: bytes) -> None:
         if self._in_headers:

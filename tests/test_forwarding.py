@@ -255,6 +255,55 @@ def test_health_endpoints(proxy: ProxyProcess) -> None:
     assert httpx.get(proxy.url + "/_ignore_proxy/health/ready").status_code == 200
 
 
+def test_headers_of_a_second_request_on_a_kept_alive_connection_are_bounded_too(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    app, _ = upstream
+    port = int(proxy.url.rsplit(":", 1)[1])
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        sock.sendall(b"GET /plain HTTP/1.1\r\nhost: x\r\n\r\n")
+        first = b""
+        while not (first.endswith(b"}") or first.endswith(b"\r\n0\r\n\r\n")):
+            first += sock.recv(65536)  # the whole first answer (a JSON object)
+        count = len(app.seen)
+        big = b"GET /plain HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n"
+        sock.sendall(big)
+        answer = b""
+        while not answer.startswith((b"HTTP/1.1 431", b"HTTP/1.1 200")):
+            chunk = sock.recv(65536)
+            if not chunk:
+                break
+            answer += chunk
+    assert first.startswith(b"HTTP/1.1 200")
+    assert b"HTTP/1.1 431" in answer
+    assert len(app.seen) == count
+
+
+def test_headers_over_the_limit_are_refused_however_they_arrive(
+    proxy: ProxyProcess, upstream: tuple[Upstream, str]
+) -> None:
+    """In two reads, the first under the bound: the parser starts the message while fed
+    the first one, and the count must not start again there."""
+    app, _ = upstream
+    count = len(app.seen)
+    port = int(proxy.url.rsplit(":", 1)[1])
+    head = b"GET /plain HTTP/1.1\r\nhost: x\r\nx-big: " + b"a" * 100_000 + b"\r\n\r\n"
+    with socket.create_connection(("127.0.0.1", port)) as sock:
+        sock.settimeout(10)
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        answer = b""
+        with contextlib.suppress(OSError):  # the proxy may close before all is sent
+            sock.sendall(head[:60_000])
+            time.sleep(0.1)
+            sock.sendall(head[60_000:])
+        with contextlib.suppress(OSError):
+            while chunk := sock.recv(65536):
+                answer += chunk
+    assert answer.startswith(b"HTTP/1.1 431"), answer[:100]
+    assert len(app.seen) == count
+
+
 def test_request_body_over_the_limit_is_413(upstream: tuple[Upstream, str]) -> None:
     app, url = upstream
     with run_proxy(url, {"IGNORE_PROXY_LIMITS_MAX_REQUEST_BODY": "1000"}) as proxy:
