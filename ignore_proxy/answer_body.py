@@ -6,8 +6,7 @@ from __future__ import annotations
 import logging
 import zlib
 
-import httpx
-
+from .pool import BadAnswer
 from .upstream import UpstreamResponse
 
 log = logging.getLogger(__name__)
@@ -17,10 +16,10 @@ class BodyTooLarge(Exception):
     pass
 
 
-class UnreadableBody(httpx.RemoteProtocolError):
+class UnreadableBody(BadAnswer):
     """An answer the proxy can't read whole: a content coding it does not decode, a
-    corrupt or truncated coded stream. A RemoteProtocolError, so a caller that does not
-    know it still answers 502; one that does can say why."""
+    corrupt or truncated coded stream. A BadAnswer, so a caller that does not know it
+    still answers 502; one that does can say why."""
 
 
 class NotUtf8Json(UnreadableBody):

@@ -21,7 +21,7 @@ from .config import Settings
 from .identity import Credentials, IdentityResolver, IdentityUnavailable
 from .ignore_lists import IgnoreListStore, IgnoreListUnavailable
 from .metrics import PASSTHROUGH, Metrics
-from .pool import RawHeaders
+from .pool import RawHeaders, UpstreamError
 from .replies import Json, MatrixError, error_body, upstream_failure
 from .upstream import UpstreamResponse
 
@@ -278,7 +278,7 @@ class Services:
             raise MatrixError(502, "M_UNKNOWN", _UNREADABLE) from None
         except BodyTooLarge:
             raise MatrixError(502, "M_UNKNOWN", _TOO_LARGE) from None
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             raise upstream_failure(exc) from None
         return body
 

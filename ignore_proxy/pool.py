@@ -17,10 +17,13 @@ What it keeps of what the proxy promises (tests/test_forwarding.py, tests/reliab
   client went away, the body is too large) comes out as itself;
 - answers stream with flow control: reading from the upstream pauses while the client is
   slower than it;
-- failures raise httpx's exceptions, so callers have one vocabulary: refused connection
-  `ConnectError`, connect timeout `ConnectTimeout`, silence while waiting for or reading
-  an answer `ReadTimeout`, no free connection within the pool timeout `PoolTimeout`,
-  a broken, garbled or oversized answer `RemoteProtocolError`;
+- failures raise the pool's own exceptions (`UpstreamError` and its kinds below), which
+  the proxy maps to Matrix errors in one place (`replies.upstream_failure`) and the
+  httpx transport of the proxy's own lookups to httpx's (`upstream.PoolTransport`):
+  refused connection `Unreachable`, connect timeout `ConnectTimedOut`, silence while
+  waiting for or reading an answer `ReadTimedOut`, a body the homeserver does not take
+  `WriteTimedOut`, no free connection within the pool timeout `PoolFull`, a broken,
+  garbled or oversized answer `BadAnswer`;
 - framing at least as strict as nginx: a header section larger than `max_header_bytes`,
   an unrequested protocol switch (101), a transfer coding other than `chunked`, or bytes
   before an answer are errors; interim answers (100, 103) are skipped; trailers are
@@ -50,6 +53,39 @@ from typing import NoReturn, cast
 import httptools
 import httpx
 
+
+class UpstreamError(Exception):
+    """The homeserver could not be asked, or its answer could not be read."""
+
+
+class Unreachable(UpstreamError):
+    """No connection to the homeserver (refused, unresolvable, unroutable)."""
+
+
+class TimedOut(UpstreamError):
+    """The homeserver took longer than a timeout allowed."""
+
+
+class ConnectTimedOut(TimedOut):
+    pass
+
+
+class ReadTimedOut(TimedOut):
+    pass
+
+
+class WriteTimedOut(TimedOut):
+    pass
+
+
+class PoolFull(UpstreamError):
+    """No free upstream connection within the pool timeout."""
+
+
+class BadAnswer(UpstreamError):
+    """An answer broken, garbled, oversized or cut off."""
+
+
 RawHeaders = list[tuple[bytes, bytes]]
 Body = AsyncIterable[bytes] | bytes | None
 
@@ -75,7 +111,7 @@ def _is_ip(host: str) -> bool:
 
 
 @dataclass(frozen=True, slots=True)
-class Timeouts:
+class ExchangeTimeouts:
     """Seconds; None waits forever. `read` is the longest silence while an answer is due."""
 
     connect: float | None
@@ -104,7 +140,7 @@ class _Slots:
         try:
             await asyncio.wait_for(semaphore.acquire(), wait)
         except TimeoutError:
-            raise httpx.PoolTimeout("no free upstream connection") from None
+            raise PoolFull("no free upstream connection") from None
 
     def release(self) -> None:
         if self.semaphore is not None:
@@ -322,7 +358,7 @@ class _Connection(asyncio.Protocol):
         else:
             if self.head is not None and self._received == 0:
                 self.unanswered = True
-            self._fail(httpx.RemoteProtocolError("the homeserver closed the connection"))
+            self._fail(BadAnswer("the homeserver closed the connection"))
         waiter = self._write_ready
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
@@ -469,7 +505,7 @@ class _Connection(asyncio.Protocol):
         silent = time.monotonic() - self._last_activity
         if silent >= timeout:
             self._timer = None
-            self._fail(httpx.ReadTimeout("the homeserver did not answer in time"))
+            self._fail(ReadTimedOut("the homeserver did not answer in time"))
             self.abort()
         else:
             loop = asyncio.get_running_loop()
@@ -482,11 +518,11 @@ class _Connection(asyncio.Protocol):
 
     def _stop(self, message: str) -> NoReturn:
         """From a parser callback: fail the exchange and stop parsing."""
-        self._fail(httpx.RemoteProtocolError(message))
+        self._fail(BadAnswer(message))
         raise _Stop
 
     def _reject(self, message: str) -> None:
-        self._fail(httpx.RemoteProtocolError(message))
+        self._fail(BadAnswer(message))
         self.abort()
 
     def _fail(self, error: BaseException) -> None:
@@ -521,7 +557,7 @@ class _Connection(asyncio.Protocol):
         try:
             await asyncio.wait_for(asyncio.shield(waiter), write_timeout)
         except TimeoutError:
-            raise httpx.WriteTimeout("the homeserver did not take the request body") from None
+            raise WriteTimedOut("the homeserver did not take the request body") from None
 
     def finish_exchange(self, *, reusable: bool) -> None:
         self._cancel_timer()
@@ -582,7 +618,12 @@ class UpstreamPool:
         return len(self._all)
 
     async def send(
-        self, method: str, target: bytes, headers: RawHeaders, body: Body, timeouts: Timeouts
+        self,
+        method: str,
+        target: bytes,
+        headers: RawHeaders,
+        body: Body,
+        timeouts: ExchangeTimeouts,
     ) -> Response:
         """Send a request; return once the answer's head has arrived."""
         await self._slots.acquire(timeouts.pool)
@@ -591,7 +632,7 @@ class UpstreamPool:
             connection, reused = await self._connection(timeouts.connect)
             try:
                 return await self._exchange(connection, method, target, headers, body, timeouts)
-            except httpx.RemoteProtocolError:
+            except BadAnswer:
                 if not (
                     reused
                     and connection.unanswered
@@ -633,9 +674,9 @@ class UpstreamPool:
             async with asyncio.timeout(connect_timeout):
                 protocol = await self._connect()
         except TimeoutError:
-            raise httpx.ConnectTimeout("connecting to the homeserver timed out") from None
+            raise ConnectTimedOut("connecting to the homeserver timed out") from None
         except OSError as exc:
-            raise httpx.ConnectError(f"cannot connect to the homeserver: {exc}") from None
+            raise Unreachable(f"cannot connect to the homeserver: {exc}") from None
         self._all.add(protocol)
         return protocol
 
@@ -687,7 +728,7 @@ class UpstreamPool:
         target: bytes,
         headers: RawHeaders,
         body: Body,
-        timeouts: Timeouts,
+        timeouts: ExchangeTimeouts,
     ) -> Response:
         transport = connection.transport
         assert transport is not None

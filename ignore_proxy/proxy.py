@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import time
 
-import httpx
 from starlette.types import Receive, Scope, Send
 
 from .calls import Body, Call, ClientGone, Exchange, Services
@@ -21,7 +20,7 @@ from .handlers import Handler
 from .identity import Credentials, CredentialsRefused, credentials_from_request
 from .logs import log_request
 from .metrics import Metrics
-from .pool import RawHeaders
+from .pool import RawHeaders, UpstreamError
 from .replies import MatrixError, Relay, Reply, send_reply, upstream_failure
 from .routes import AmbiguousPath, match
 from .upstream import (
@@ -185,7 +184,7 @@ class Proxy:
                 method, target(raw_path, query), headers, body,
                 timeouts_for(self.settings, poll_ms),
             )  # fmt: skip
-        except httpx.TransportError as exc:
+        except UpstreamError as exc:
             raise upstream_failure(exc) from None
         finally:
             if long_poll:

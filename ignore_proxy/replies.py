@@ -10,10 +10,10 @@ import logging
 from dataclasses import dataclass
 from typing import Any
 
-import httpx
 import msgspec
 from starlette.types import Send
 
+from .pool import PoolFull, TimedOut, UpstreamError
 from .upstream import BODY_HEADERS, UpstreamResponse, forwardable
 
 __all__ = [
@@ -80,12 +80,13 @@ class Json:
 Reply = Relay | Rewritten | Json | MatrixError
 
 
-def upstream_failure(exc: httpx.TransportError) -> MatrixError:
-    """What the client is told when the homeserver cannot be asked or did not answer."""
-    if isinstance(exc, httpx.PoolTimeout):
+def upstream_failure(exc: UpstreamError) -> MatrixError:
+    """What the client is told when the homeserver cannot be asked or did not answer:
+    the one place the pool's failures become Matrix errors."""
+    if isinstance(exc, PoolFull):
         return MatrixError(503, "M_UNKNOWN", "Too many requests to the homeserver in flight",
                            headers=((b"retry-after", b"1"),))  # fmt: skip
-    if isinstance(exc, httpx.TimeoutException):
+    if isinstance(exc, TimedOut):
         return MatrixError(504, "M_UNKNOWN", "The homeserver did not answer in time")
     return MatrixError(502, "M_UNKNOWN", "The homeserver could not be reached")
 
@@ -136,7 +137,7 @@ async def _stream(send: Send, response: UpstreamResponse) -> None:
             # The last chunk ends the answer itself: one message fewer per small answer.
             more = not response.at_eof
             await send({"type": "http.response.body", "body": chunk, "more_body": more})
-    except httpx.TransportError as exc:
+    except UpstreamError as exc:
         # The status line is gone already: all that is left is to cut the connection, so
         # the client sees a truncated answer rather than a complete-looking one.
         log.warning("upstream failed mid-body: %s", type(exc).__name__)

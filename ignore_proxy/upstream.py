@@ -10,8 +10,9 @@ from urllib.parse import parse_qsl
 
 import httpx
 
+from . import pool as pool_errors
 from .config import Settings
-from .pool import Body, RawHeaders, Timeouts, UpstreamPool
+from .pool import Body, ExchangeTimeouts, RawHeaders, UpstreamPool
 
 HOP_BY_HOP = frozenset(
     {
@@ -54,7 +55,12 @@ class UpstreamResponse(Protocol):
 
 class Upstream(Protocol):
     async def send(
-        self, method: str, target: bytes, headers: RawHeaders, body: Body, timeouts: Timeouts
+        self,
+        method: str,
+        target: bytes,
+        headers: RawHeaders,
+        body: Body,
+        timeouts: ExchangeTimeouts,
     ) -> UpstreamResponse: ...
 
 
@@ -68,8 +74,12 @@ class _HttpxResponse:
         self.status_code = response.status_code
         self.headers: RawHeaders = list(response.headers.raw)
 
-    def aiter_raw(self) -> AsyncIterator[bytes]:
-        return self._response.aiter_raw()
+    async def aiter_raw(self) -> AsyncIterator[bytes]:
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except httpx.TransportError as exc:
+            raise _from_httpx(exc) from exc
 
     at_eof = False  # httpx does not tell; the end is an empty last message
 
@@ -85,7 +95,12 @@ class HttpxUpstream:
         self.client = client
 
     async def send(
-        self, method: str, target: bytes, headers: RawHeaders, body: Body, timeouts: Timeouts
+        self,
+        method: str,
+        target: bytes,
+        headers: RawHeaders,
+        body: Body,
+        timeouts: ExchangeTimeouts,
     ) -> UpstreamResponse:
         timeout = httpx.Timeout(
             connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
@@ -97,7 +112,36 @@ class HttpxUpstream:
             content=body,
             extensions={"timeout": timeout.as_dict()},
         )
-        return _HttpxResponse(await self.client.send(request, stream=True))
+        try:
+            return _HttpxResponse(await self.client.send(request, stream=True))
+        except httpx.TransportError as exc:
+            raise _from_httpx(exc) from exc
+
+
+def _from_httpx(exc: httpx.TransportError) -> pool_errors.UpstreamError:
+    """httpx's failure in the pool's words (the tests' in-process homeservers)."""
+    kinds: tuple[tuple[type[httpx.TransportError], type[pool_errors.UpstreamError]], ...] = (
+        (httpx.PoolTimeout, pool_errors.PoolFull),
+        (httpx.ConnectTimeout, pool_errors.ConnectTimedOut),
+        (httpx.WriteTimeout, pool_errors.WriteTimedOut),
+        (httpx.TimeoutException, pool_errors.ReadTimedOut),
+        (httpx.ConnectError, pool_errors.Unreachable),
+    )
+    kind = next((ours for theirs, ours in kinds if isinstance(exc, theirs)), None)
+    return (kind or pool_errors.BadAnswer)(str(exc))
+
+
+def _to_httpx(exc: pool_errors.UpstreamError) -> httpx.TransportError:
+    """The pool's failure in httpx's words, for the httpx client of the proxy's lookups."""
+    kinds: tuple[tuple[type[pool_errors.UpstreamError], type[httpx.TransportError]], ...] = (
+        (pool_errors.PoolFull, httpx.PoolTimeout),
+        (pool_errors.ConnectTimedOut, httpx.ConnectTimeout),
+        (pool_errors.WriteTimedOut, httpx.WriteTimeout),
+        (pool_errors.ReadTimedOut, httpx.ReadTimeout),
+        (pool_errors.Unreachable, httpx.ConnectError),
+    )
+    kind = next((theirs for ours, theirs in kinds if isinstance(exc, ours)), None)
+    return (kind or httpx.RemoteProtocolError)(str(exc))
 
 
 class _PoolStream(httpx.AsyncByteStream):
@@ -105,8 +149,11 @@ class _PoolStream(httpx.AsyncByteStream):
         self._response = response
 
     async def __aiter__(self) -> AsyncIterator[bytes]:
-        async for chunk in self._response.aiter_raw():
-            yield chunk
+        try:
+            async for chunk in self._response.aiter_raw():
+                yield chunk
+        except pool_errors.UpstreamError as exc:
+            raise _to_httpx(exc) from exc
 
     async def aclose(self) -> None:
         await self._response.aclose()
@@ -127,18 +174,21 @@ class PoolTransport(httpx.AsyncBaseTransport):
         )  # fmt: skip
         # httpx frames a body of unknown length itself: the pool decides that.
         headers = [(n, v) for n, v in request.headers.raw if n.lower() != b"transfer-encoding"]
-        response = await self.pool.send(
-            request.method,
-            request.url.raw_path,
-            headers,
-            body or None,
-            Timeouts(
-                timeout.get("connect"),
-                timeout.get("read"),
-                timeout.get("write"),
-                timeout.get("pool"),
-            ),
-        )
+        try:
+            response = await self.pool.send(
+                request.method,
+                request.url.raw_path,
+                headers,
+                body or None,
+                ExchangeTimeouts(
+                    timeout.get("connect"),
+                    timeout.get("read"),
+                    timeout.get("write"),
+                    timeout.get("pool"),
+                ),
+            )
+        except pool_errors.UpstreamError as exc:
+            raise _to_httpx(exc) from exc
         return httpx.Response(
             status_code=response.status_code,
             headers=response.headers,
@@ -203,14 +253,14 @@ def long_poll_ms(query_string: bytes) -> int | None:
     return None
 
 
-def timeouts_for(settings: Settings, long_poll: int | None) -> Timeouts:
+def timeouts_for(settings: Settings, long_poll: int | None) -> ExchangeTimeouts:
     """A long-poll (`timeout` in milliseconds, in the query or, for MSC4186 sliding
     sync, the body) may stay silent for that long, plus the usual read timeout."""
     timeouts = settings.timeouts
     read = timeouts.read
     if long_poll is not None:
         read += min(long_poll / 1000, timeouts.max_long_poll)
-    return Timeouts(timeouts.connect, read, timeouts.write, timeouts.pool)
+    return ExchangeTimeouts(timeouts.connect, read, timeouts.write, timeouts.pool)
 
 
 def forwardable(

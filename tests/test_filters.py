@@ -491,7 +491,9 @@ def test_projecting_every_top_level_key_is_identity(
 def test_projection_is_idempotent(case: tuple[dict[str, Any], tuple[str, ...]]) -> None:
     event, fields = case
     once = project_sync_body(sync_body(event), fields)
-    assert project_sync_body(once, fields) == once
+    # The same JSON (members may come in another order: bundled aggregations are put
+    # back after the fields are copied).
+    assert json.loads(project_sync_body(once, fields)) == json.loads(once)
 
 
 # -- split_event_fields ---------------------------------------------------------------

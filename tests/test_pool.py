@@ -10,11 +10,14 @@ from typing import Any
 
 import pytest
 
-from ignore_proxy.pool import Timeouts, UpstreamPool
+from ignore_proxy.pool import (
+    ExchangeTimeouts,
+    UpstreamPool,
+)
 
 from .servers import Upstream, serve_upstream
 
-TIMEOUTS = Timeouts(connect=5, read=5, write=5, pool=5)
+TIMEOUTS = ExchangeTimeouts(connect=5, read=5, write=5, pool=5)
 
 
 async def test_a_hostname_is_looked_up_once_for_a_burst_of_new_connections(

@@ -120,7 +120,10 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
         serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
         proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
     ):
-        workers = children(proxy.process.pid)
+        # Ready is one worker answering; the other may still be starting on a busy machine.
+        deadline = time.monotonic() + 10
+        while len(workers := children(proxy.process.pid)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
         assert len(workers) == 2, "the proxy did not start two workers"
         assert not any(_zombie(pid) for pid in workers)
         proxy.process.kill()  # SIGKILL: no chance to stop them
