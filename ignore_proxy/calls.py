@@ -116,7 +116,8 @@ class Call:
     headers: RawHeaders  # as forwarded
     body: Body  # as forwarded
     creds: Credentials | None = None
-    user: asyncio.Task[str] | None = None  # the effective user, once their list is loaded
+    # Who asks (and, where needed, their list loaded), learned beside the upstream request.
+    user_lookup: asyncio.Task[str] | None = None
     path_event: asyncio.Task[lookups.EventHead] | None = None
     new_list: frozenset[str] | None = None  # an ignore-list write's
     user_to_evict: str | None = None
@@ -129,7 +130,7 @@ class Call:
         return self.found.route.name
 
     def cancel_lookups(self) -> None:
-        for task in (self.user, self.path_event):
+        for task in (self.user_lookup, self.path_event):
             if task is not None and not task.done():
                 task.cancel()
             elif task is not None and not task.cancelled():
@@ -175,7 +176,9 @@ class Services:
     def start_user_and_list(self, call: Call, *, load_list: bool) -> None:
         """Learn who asks (and their list) alongside the upstream request."""
         if call.creds is not None:
-            call.user = asyncio.create_task(self._user_and_list(call.creds, load_list=load_list))
+            call.user_lookup = asyncio.create_task(
+                self._user_and_list(call.creds, load_list=load_list)
+            )
 
     async def _user_and_list(self, creds: Credentials, *, load_list: bool) -> str:
         try:

@@ -82,7 +82,7 @@ class Logging(_Section, frozen=True):
     format: Literal["text", "json"] = "text"
 
 
-class Metrics(_Section, frozen=True):
+class MetricsSettings(_Section, frozen=True):
     # "HOST:PORT" for a separate Prometheus listener; empty disables it.
     listen: str = ""
 
@@ -97,7 +97,7 @@ class Settings(_Section, frozen=True):
     identity: Identity = msgspec.field(default_factory=Identity)
     ignore: Ignore = msgspec.field(default_factory=Ignore)
     logging: Logging = msgspec.field(default_factory=Logging)
-    metrics: Metrics = msgspec.field(default_factory=Metrics)
+    metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -116,7 +116,7 @@ SECTIONS: dict[str, type[_Section]] = {
         ("identity", Identity),
         ("ignore", Ignore),
         ("logging", Logging),
-        ("metrics", Metrics),
+        ("metrics", MetricsSettings),
     )
 }
 

@@ -130,10 +130,10 @@ class IgnoreListWrite(Handler):
         svc.start_user_and_list(call, load_list=False)
 
     async def respond(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
-        if _succeeded(response.status_code) and call.user is not None:
+        if _succeeded(response.status_code) and call.user_lookup is not None:
             assert call.new_list is not None
             try:
-                user_id = await call.user
+                user_id = await call.user_lookup
             except ListUnavailable:
                 return Relay(response)
             # Only ever under the authenticated user's own key. A homeserver that took a
@@ -179,7 +179,7 @@ class FilteredRead(Handler):
 
     async def respond(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
         status = response.status_code
-        if call.user is None:
+        if call.user_lookup is None:
             return Relay(response)  # no credentials: nobody's list applies
         if 300 <= status < 400:
             # A filtered endpoint never redirects; clients may read a 3xx body as data.
@@ -191,7 +191,7 @@ class FilteredRead(Handler):
         # Every success is data to a client (fetch's `ok`, ruma reads below 400): 201,
         # 203, 206 and 299 are filtered exactly as 200 is.
         try:
-            user_id = await call.user
+            user_id = await call.user_lookup
             ignored = await svc.list_now(call, user_id)
             hidden = await self.hidden_path_event(svc, call, user_id)
         except ListUnavailable:
@@ -222,9 +222,9 @@ class FilteredRead(Handler):
         """An error answer, read: errors carry no events, and one that holds an ignored
         user's is not relayed as it came (the guard takes it out, or the answer is
         refused)."""
-        assert call.user is not None
+        assert call.user_lookup is not None
         try:
-            user_id = await call.user
+            user_id = await call.user_lookup
             ignored = await svc.list_now(call, user_id)
         except ListUnavailable:
             # Whose list applies is unknown (a dead token's 401, say): no event passes.

@@ -32,7 +32,7 @@ from .types import IgnoreContext, Rewritten, StaleThread
 __all__ = [
     "DROP",
     "Head",
-    "Run",
+    "RewriteState",
     "drop_ignored_keys",
     "edit_items",
     "edit_items_at",
@@ -137,7 +137,7 @@ def is_invite_for(head: Head, user_id: str) -> bool:
     return is_membership_of(head, user_id) and _membership(head.content) == "invite"
 
 
-class Run:
+class RewriteState:
     """Per-call state: the context, what may be present in the body, what was removed."""
 
     __slots__ = (
@@ -217,7 +217,7 @@ class Run:
 # --- walking arrays and objects -------------------------------------------------------
 
 
-def edit_items(raw: Raw, run: Run, fn: Callable[[Raw], Raw | None]) -> Raw | None:
+def edit_items(raw: Raw, run: RewriteState, fn: Callable[[Raw], Raw | None]) -> Raw | None:
     """Array ``raw`` with each item that may mention an ignored user replaced by
     ``fn(item)``: None keeps the item, DROP removes it (``fn`` counts what it removes).
     None if nothing changed or ``raw`` is not an array."""
@@ -264,7 +264,7 @@ def edit_items_at(
 
 
 def edit_members(
-    raw: Raw, run: Run, fn: Callable[[str, Raw], Raw | None], *, drop_empty: bool = False
+    raw: Raw, run: RewriteState, fn: Callable[[str, Raw], Raw | None], *, drop_empty: bool = False
 ) -> Raw | None:
     """Object ``raw`` with each member that may mention an ignored user replaced by
     ``fn(key, value)``: None keeps it, DROP removes it. None if nothing changed or
@@ -291,7 +291,7 @@ def edit_members(
     return DROP if drop_empty and not members else encode_object(members)
 
 
-def drop_ignored_keys(members: dict[str, Raw], run: Run) -> bool:
+def drop_ignored_keys(members: dict[str, Raw], run: RewriteState) -> bool:
     """Remove (and count) the members keyed by an ignored user ID; True if any was."""
     hidden = [key for key in members if key in run.ignored]
     for key in hidden:
@@ -303,7 +303,7 @@ def drop_ignored_keys(members: dict[str, Raw], run: Run) -> bool:
 # --- bundled aggregations -------------------------------------------------------------
 
 
-def _thread_is_hidden(thread: Raw, run: Run) -> bool:
+def _thread_is_hidden(thread: Raw, run: RewriteState) -> bool:
     parts = split_object(thread)
     if parts is None:
         return False
@@ -314,7 +314,7 @@ def _thread_is_hidden(thread: Raw, run: Run) -> bool:
     return head is not None and run.hides(head)
 
 
-def fix_unsigned(unsigned: Raw, run: Run, head: Head | None = None) -> Raw | None:
+def fix_unsigned(unsigned: Raw, run: RewriteState, head: Head | None = None) -> Raw | None:
     """``unsigned`` without an ignored user's words: ``redacted_because`` by an ignored
     user cut down to a stub (see ``redaction_stub``), and ``m.relations.m.thread`` fixed
     (see ``_fix_thread``). None if unchanged."""
@@ -356,7 +356,7 @@ def redaction_stub(raw: Raw) -> Raw | None:
     return encode_object(out)
 
 
-def _fix_redacted_because(unsigned: dict[str, Raw], run: Run) -> bool:
+def _fix_redacted_because(unsigned: dict[str, Raw], run: RewriteState) -> bool:
     """A redaction by an ignored user stays visible as a fact (the event is redacted:
     clients show it deleted) but keeps none of their words."""
     because = unsigned.get("redacted_because")
@@ -373,7 +373,7 @@ def _fix_redacted_because(unsigned: dict[str, Raw], run: Run) -> bool:
     return True
 
 
-def _fix_thread(unsigned: dict[str, Raw], run: Run, head: Head | None) -> bool:
+def _fix_thread(unsigned: dict[str, Raw], run: RewriteState, head: Head | None) -> bool:
     """Fix ``m.relations.m.thread``: if its ``latest_event`` is hidden, the previous
     un-ignored reply is not in the body: the summary is replaced by the one in
     ``run.ctx.thread_summaries`` for this root, or else removed and reported in
@@ -397,7 +397,7 @@ def _fix_thread(unsigned: dict[str, Raw], run: Run, head: Head | None) -> bool:
         run.removed += 1
         if replacement is not None:
             # not part of the body: what it mentions is searched for afresh
-            inner = Run(run.ctx, replacement)
+            inner = RewriteState(run.ctx, replacement)
             fixed = _fix_latest(Raw(replacement), inner) if inner.anything else None
             run.removed += inner.removed
             relations["m.thread"] = Raw(replacement) if fixed is None else fixed
@@ -413,7 +413,7 @@ def _fix_thread(unsigned: dict[str, Raw], run: Run, head: Head | None) -> bool:
     return True
 
 
-def _fix_latest(thread: Raw, run: Run) -> Raw | None:
+def _fix_latest(thread: Raw, run: RewriteState) -> Raw | None:
     """A thread summary whose (kept) ``latest_event`` was fixed; None if unchanged."""
     if not run.relevant(thread):
         return None
@@ -432,7 +432,7 @@ def _fix_latest(thread: Raw, run: Run) -> Raw | None:
 _REDACTED_BECAUSE: Final = re.compile(rb'"redacted_because"')
 
 
-def fix_event(raw: Raw, head: Head, run: Run) -> Raw | None:
+def fix_event(raw: Raw, head: Head, run: RewriteState) -> Raw | None:
     """A kept event with its bundled aggregations and ``unsigned`` fixed; None if
     unchanged. Synapse also copies ``redacted_because`` to the event's top level, where
     it is cut down as in ``unsigned`` (an escaped spelling of that key is left to the
@@ -455,7 +455,7 @@ def fix_event(raw: Raw, head: Head, run: Run) -> Raw | None:
 # --- ephemeral events -----------------------------------------------------------------
 
 
-def filter_typing(raw: Raw, run: Run) -> Raw | None:
+def filter_typing(raw: Raw, run: RewriteState) -> Raw | None:
     """An ``m.typing`` event without ignored users in ``content.user_ids``."""
     members = split_object(raw)
     if members is None or "content" not in members:
@@ -475,7 +475,7 @@ def filter_typing(raw: Raw, run: Run) -> Raw | None:
     return encode_object(members)
 
 
-def filter_receipt_content(raw: Raw, run: Run) -> Raw | None:
+def filter_receipt_content(raw: Raw, run: RewriteState) -> Raw | None:
     """``{eventId: {receiptType: {userId: ...}}}`` without ignored users.
 
     Containers that become empty are dropped; DROP if nothing is left at all.
@@ -493,7 +493,7 @@ def filter_receipt_content(raw: Raw, run: Run) -> Raw | None:
     return edit_members(raw, run, by_type, drop_empty=True)
 
 
-def filter_receipt(raw: Raw, run: Run) -> Raw | None:
+def filter_receipt(raw: Raw, run: RewriteState) -> Raw | None:
     """An ``m.receipt`` event without ignored users; DROP if its content becomes empty."""
     members = split_object(raw)
     if members is None or "content" not in members:
@@ -505,7 +505,7 @@ def filter_receipt(raw: Raw, run: Run) -> Raw | None:
     return encode_object(members)
 
 
-def filter_ephemeral(raw: Raw, head: Head, run: Run) -> Raw | None:
+def filter_ephemeral(raw: Raw, head: Head, run: RewriteState) -> Raw | None:
     if head.type == "m.typing":
         return filter_typing(raw, run)
     if head.type == "m.receipt":
@@ -517,12 +517,12 @@ def filter_ephemeral(raw: Raw, head: Head, run: Run) -> Raw | None:
 
 
 def event_filter(
-    run: Run, *, invites: bool = False, ephemeral: bool = False, keep_all: bool = False
+    run: RewriteState, *, invites: bool = False, ephemeral: bool = False, keep_all: bool = False
 ) -> Callable[[Raw], Raw | None]:
     """What ``filter_events`` does to each event that may mention an ignored user."""
     ephemeral = ephemeral and run.ctx.filter_ephemeral
 
-    def one(item: Raw) -> Raw | None:
+    def judge_event(item: Raw) -> Raw | None:
         head = head_of(item)
         if head is None:
             return None
@@ -533,12 +533,12 @@ def event_filter(
             return filter_ephemeral(item, head, run)
         return fix_event(item, head, run)
 
-    return one
+    return judge_event
 
 
 def filter_events(
     raw: Raw,
-    run: Run,
+    run: RewriteState,
     *,
     invites: bool = False,
     ephemeral: bool = False,
@@ -552,11 +552,11 @@ def filter_events(
     bundled aggregations. Anything that is not an array, or items that are not objects,
     are left untouched. None if nothing changed.
     """
-    one = event_filter(run, invites=invites, ephemeral=ephemeral, keep_all=keep_all)
-    return edit_items(raw, run, one)
+    judge_event = event_filter(run, invites=invites, ephemeral=ephemeral, keep_all=keep_all)
+    return edit_items(raw, run, judge_event)
 
 
-def count_hidden_tail(raw: Raw, run: Run, tail: int) -> int:
+def count_hidden_tail(raw: Raw, run: RewriteState, tail: int) -> int:
     """How many of the last ``tail`` events of an array ``filter_events`` would remove."""
     items = split_array(raw)
     if items is None or tail <= 0:

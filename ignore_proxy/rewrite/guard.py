@@ -33,7 +33,7 @@ from typing import Any, Final
 
 import msgspec
 
-from .events import DROP, Run
+from .events import DROP, RewriteState
 from .raw import (
     Raw,
     as_bytes,
@@ -132,20 +132,20 @@ def remove_ignored_events(value: Any, ignored: frozenset[str]) -> tuple[Any, int
         return value, 0
     made: set[int] = set()
 
-    def own(node: Any) -> Any:
+    def copy_for_removal(node: Any) -> Any:
         """A shallow copy of a container on the way to a removal."""
         copy = list(node) if isinstance(node, list) else dict(node)
         made.add(id(copy))
         return copy
 
-    root = own(value)
+    root = copy_for_removal(value)
     removals: dict[int, tuple[list[Any], list[int]]] = {}
     for path in found:
         parent = root
         for step in path[:-1]:
             child = parent[step]
             if id(child) not in made:
-                child = own(child)
+                child = copy_for_removal(child)
                 parent[step] = child
             parent = child
         index = path[-1]
@@ -168,7 +168,7 @@ def guard_body(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
 
 def guard_body_exact(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """``guard_body`` by walking the body, without its byte-level shortcut."""
-    run = Run(ctx, body)
+    run = RewriteState(ctx, body)
     if not run.anything:
         return None
     try:
@@ -189,7 +189,7 @@ def guard_body_exact(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     return run.result(render(new))
 
 
-def _guard_raw(raw: Raw, path: Path, run: Run) -> Raw | None:
+def _guard_raw(raw: Raw, path: Path, run: RewriteState) -> Raw | None:
     """``raw`` without ignored events (None if unchanged); DROP if it is one itself,
     for the array holding it to remove (else its parent raises)."""
     if not run.relevant(raw):
@@ -224,7 +224,7 @@ def _guard_raw(raw: Raw, path: Path, run: Run) -> Raw | None:
     return encode_object(members) if changed else None
 
 
-def _guard_items(items: list[Raw], path: Path, run: Run) -> Raw | None:
+def _guard_items(items: list[Raw], path: Path, run: RewriteState) -> Raw | None:
     dropped: list[int] = []
     changed = False
     for index in run.relevant_indexes(items):

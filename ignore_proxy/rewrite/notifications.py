@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .events import DROP, Run, edit_items, fix_event, head_of
+from .events import DROP, RewriteState, edit_items, fix_event, head_of
 from .raw import Raw, encode_object, split_object
 from .types import IgnoreContext, Rewritten
 from .walk import edit, finish, start
@@ -10,7 +10,7 @@ from .walk import edit, finish, start
 __all__ = ["rewrite_notifications"]
 
 
-def _notification(item: Raw, run: Run) -> Raw | None:
+def _notification(item: Raw, run: RewriteState) -> Raw | None:
     notification = split_object(item)
     event = None if notification is None else notification.get("event")
     head = None if event is None else head_of(event)

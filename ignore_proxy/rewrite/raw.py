@@ -20,8 +20,8 @@ import msgspec
 
 __all__ = [
     "EMPTY",
-    "Member",
-    "Tree5",
+    "RoomsTree",
+    "SplitValue",
     "as_bytes",
     "decode_value",
     "encode_array",
@@ -33,7 +33,7 @@ __all__ = [
     "split_members",
     "split_object",
     "split_object2",
-    "split_object5",
+    "split_rooms_tree",
     "top_object",
 ]
 
@@ -189,7 +189,7 @@ def split_object2(data: Raw | bytes) -> dict[str, dict[str, Raw]] | None:
     return outer if total == len(data) else None
 
 
-Member = list[Raw] | dict[str, Raw] | str | int | bool | None
+SplitValue = list[Raw] | dict[str, Raw] | str | int | bool | None
 """A value split one level: an array into raw items, an object into raw members, a
 scalar decoded.
 
@@ -200,12 +200,12 @@ digits in ``\\u`` escapes of control characters): the check of ``sync.rewrite_sy
 and ``rooms.rewrite_messages``.
 A float's text can be shorter than what msgspec writes for it (``1e2``, ``100.0``); a
 body with one at these levels takes the level-by-level path."""
-Tree5 = dict[str, dict[str, dict[str, dict[str, Member]]]]
-_tree5_decoder = msgspec.json.Decoder(Tree5)
+RoomsTree = dict[str, dict[str, dict[str, dict[str, SplitValue]]]]
+_rooms_tree_decoder = msgspec.json.Decoder(RoomsTree)
 
 
-def split_object5(data: Raw | bytes) -> Tree5 | None:
-    """Five levels at once: objects of objects of objects of objects of ``Member``s; one
+def split_rooms_tree(data: Raw | bytes) -> RoomsTree | None:
+    """Five levels at once: objects of objects of objects of objects of ``SplitValue``s; one
     pass instead of five.
 
     Only if rendering the tree gives back ``data`` byte for byte (compact, minimally
@@ -214,19 +214,19 @@ def split_object5(data: Raw | bytes) -> Tree5 | None:
     otherwise (also for anything of another shape): the caller splits level by level.
     """
     try:
-        tree = _tree5_decoder.decode(data)
+        tree = _rooms_tree_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
     return tree if renders_as(tree, data) else None
 
 
-_members_decoder = msgspec.json.Decoder(dict[str, Member])
+_members_decoder = msgspec.json.Decoder(dict[str, SplitValue])
 
 
-def split_members(data: Raw | bytes) -> dict[str, Member] | None:
-    """An object split into ``Member``s (its arrays into raw items) in one pass; None if
+def split_members(data: Raw | bytes) -> dict[str, SplitValue] | None:
+    """An object split into ``SplitValue``s (its arrays into raw items) in one pass; None if
     ``data`` is not such an object. Whether rendering them gives ``data`` back byte for
-    byte is the caller's to check, by length once it has edited them (see ``Member``)."""
+    byte is the caller's to check, by length once it has edited them (see ``SplitValue``)."""
     try:
         return _members_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
@@ -292,7 +292,7 @@ def encode_array(items: list[Raw]) -> Raw:
 
 
 def render(node: Raw | dict[str, Any] | list[Any]) -> bytes:
-    """Serialise a (possibly changed) tree of raw values (and ``Member``s) in one pass."""
+    """Serialise a (possibly changed) tree of raw values (and ``SplitValue``s) in one pass."""
     try:
         return _encoder.encode(node)
     except (UnicodeEncodeError, msgspec.EncodeError):

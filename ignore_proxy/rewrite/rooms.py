@@ -17,7 +17,7 @@ from typing import cast
 
 from .events import (
     DROP,
-    Run,
+    RewriteState,
     edit_items,
     edit_items_at,
     event_filter,
@@ -27,8 +27,8 @@ from .events import (
 )
 from .nogc import without_gc
 from .raw import (
-    Member,
     Raw,
+    SplitValue,
     decode_value,
     encode_object,
     render,
@@ -65,14 +65,14 @@ def _rewrite_lists(
     event (they stand for the whole answer), else fixed in place."""
     members = split_members(body)
     if members is not None:
-        run = Run(ctx, body)
+        run = RewriteState(ctx, body)
         if not run.anything:
             return None
         changed = _edit_singles(members, run, single)
         if not _edit_lists(members, run, filtered, state) and not changed:
             return None
         rendered = render(members)
-        # what the edits left alone is byte for byte as it was (see ``raw.Member``);
+        # what the edits left alone is byte for byte as it was (see ``raw.SplitValue``);
         # otherwise the generic path
         if len(rendered) + run.shrunk == len(body):
             return run.result(rendered)
@@ -90,7 +90,7 @@ def _rewrite_lists(
     return finish(top, run, changed)
 
 
-def single_event(raw: Raw, run: Run) -> Raw | None:
+def single_event(raw: Raw, run: RewriteState) -> Raw | None:
     """An event that stands for the whole answer: SenderIgnored if it is an ignored
     sender's non-state event, else the event fixed (None if unchanged)."""
     if not run.relevant(raw):
@@ -104,7 +104,9 @@ def single_event(raw: Raw, run: Run) -> Raw | None:
     return fix_event(raw, head, run)
 
 
-def _edit_singles(members: dict[str, Member], run: Run, single: tuple[str, ...]) -> bool:
+def _edit_singles(
+    members: dict[str, SplitValue], run: RewriteState, single: tuple[str, ...]
+) -> bool:
     """``single_event`` on the events of a body split in one decode (as objects of raw
     members), in place; True if changed."""
     changed = False
@@ -117,23 +119,26 @@ def _edit_singles(members: dict[str, Member], run: Run, single: tuple[str, ...])
         if new is not None:
             if not isinstance(new, Raw):  # a changed tree (see raw.encode_object)
                 new = Raw(render(new))
-            members[key] = cast(Member, new)  # a raw value renders as its bytes
+            members[key] = cast(SplitValue, new)  # a raw value renders as its bytes
             run.shrunk += len(raw) - len(new)
             changed = True
     return changed
 
 
 def _edit_lists(
-    members: dict[str, Member], run: Run, filtered: tuple[str, ...], state: tuple[str, ...]
+    members: dict[str, SplitValue],
+    run: RewriteState,
+    filtered: tuple[str, ...],
+    state: tuple[str, ...],
 ) -> bool:
     """The lists of a body split in one decode, edited in place; True if changed."""
     changed = False
     for keys, keep_all in ((filtered, False), (state, True)):
-        one = event_filter(run, keep_all=keep_all)
+        judge_event = event_filter(run, keep_all=keep_all)
         for key in keys:
             items = members.get(key)
             if isinstance(items, list):
-                shrunk = edit_items_at(items, run.relevant_indexes(items), one)
+                shrunk = edit_items_at(items, run.relevant_indexes(items), judge_event)
                 if shrunk is not None:
                     run.shrunk += shrunk
                     changed = True
@@ -189,7 +194,7 @@ def rewrite_single_event(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     """``GET /rooms/{roomId}/event/{eventId}``, ``GET /events/{eventId}``: the body is the
     event. SenderIgnored if it is an ignored sender's non-state event."""
     top = top_object(body)
-    run = Run(ctx, body)
+    run = RewriteState(ctx, body)
     if not run.anything:
         return None
     head = head_of(body)
@@ -227,7 +232,7 @@ def rewrite_events_stream(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     return finish(top, run, changed)
 
 
-def _messages_and_state(room: dict[str, Raw], run: Run) -> bool:
+def _messages_and_state(room: dict[str, Raw], run: RewriteState) -> bool:
     changed = edit(
         room, "messages", lambda raw: edit_in(raw, "chunk", lambda c: filter_events(c, run))
     )
@@ -244,7 +249,7 @@ def rewrite_room_initial_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | No
     return finish(top, run, _messages_and_state(top, run))
 
 
-def _invited_by_ignored(room: dict[str, Raw], run: Run) -> bool:
+def _invited_by_ignored(room: dict[str, Raw], run: RewriteState) -> bool:
     membership = room.get("membership")
     if membership is None or decode_value(membership) != "invite":
         return False
@@ -265,7 +270,7 @@ def _invited_by_ignored(room: dict[str, Raw], run: Run) -> bool:
     return False
 
 
-def _initial_sync_room(item: Raw, run: Run) -> Raw | None:
+def _initial_sync_room(item: Raw, run: RewriteState) -> Raw | None:
     room = split_object(item)
     if room is None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .events import (
     DROP,
-    Run,
+    RewriteState,
     drop_ignored_keys,
     edit_items,
     edit_members,
@@ -19,7 +19,7 @@ from .walk import edit, edit_in, finish, start
 __all__ = ["rewrite_search"]
 
 
-def _result(raw: Raw, run: Run) -> Raw | None:
+def _result(raw: Raw, run: RewriteState) -> Raw | None:
     """A kept search result with its context filtered; None if unchanged."""
     members = split_object(raw)
     if members is None:
@@ -38,7 +38,7 @@ def _result(raw: Raw, run: Run) -> Raw | None:
     return encode_object(members) if changed else None
 
 
-def _context(raw: Raw, run: Run) -> Raw | None:
+def _context(raw: Raw, run: RewriteState) -> Raw | None:
     members = split_object(raw)
     if members is None:
         return None
@@ -48,7 +48,7 @@ def _context(raw: Raw, run: Run) -> Raw | None:
     return encode_object(members) if changed else None
 
 
-def _hidden_result(raw: Raw, run: Run) -> bool:
+def _hidden_result(raw: Raw, run: RewriteState) -> bool:
     members = split_object(raw)
     if members is None or "result" not in members:
         return False
@@ -56,14 +56,14 @@ def _hidden_result(raw: Raw, run: Run) -> bool:
     return head is not None and run.hides(head)
 
 
-def _search_result(item: Raw, run: Run) -> Raw | None:
+def _search_result(item: Raw, run: RewriteState) -> Raw | None:
     if _hidden_result(item, run):
         run.removed += 1
         return DROP
     return _result(item, run)
 
 
-def _group_entries(raw: Raw, run: Run) -> Raw | None:
+def _group_entries(raw: Raw, run: RewriteState) -> Raw | None:
     """A ``groups.{groupKey}`` member, ``{value: {...}}``, without entries keyed by an
     ignored user ID."""
     entries = split_object(raw)
@@ -72,7 +72,7 @@ def _group_entries(raw: Raw, run: Run) -> Raw | None:
     return encode_object(entries)
 
 
-def _room_events(raw: Raw, run: Run) -> Raw | None:
+def _room_events(raw: Raw, run: RewriteState) -> Raw | None:
     members = split_object(raw)
     if members is None:
         return None

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from .events import (
     DROP,
-    Run,
+    RewriteState,
     count_hidden_tail,
     edit_members,
     filter_events,
@@ -22,7 +22,7 @@ __all__ = ["rewrite_sliding_sync"]
 _INVITE_KEYS = ("invite_state", "stripped_state")
 
 
-def _room(raw: Raw, run: Run) -> Raw | None:
+def _room(raw: Raw, run: RewriteState) -> Raw | None:
     room = split_object(raw)
     if room is None:
         return None
@@ -46,14 +46,14 @@ def _room(raw: Raw, run: Run) -> Raw | None:
     return encode_object(room) if changed else None
 
 
-def _invite_hidden(raw: Raw, run: Run) -> bool:
+def _invite_hidden(raw: Raw, run: RewriteState) -> bool:
     room = split_object(raw)
     if room is None:
         return False
     return any(key in room and membership_is_hidden_invite(room[key], run) for key in _INVITE_KEYS)
 
 
-def _rooms(raw: Raw, run: Run) -> Raw | None:
+def _rooms(raw: Raw, run: RewriteState) -> Raw | None:
     def room(room_id: str, room_raw: Raw) -> Raw | None:
         if _invite_hidden(room_raw, run):
             run.hidden_invites.append(room_id)
@@ -65,14 +65,14 @@ def _rooms(raw: Raw, run: Run) -> Raw | None:
     return edit_members(raw, run, room)
 
 
-def _ephemeral_rooms(raw: Raw, run: Run, typing: bool) -> Raw | None:
+def _ephemeral_rooms(raw: Raw, run: RewriteState, typing: bool) -> Raw | None:
     """``{roomId: event}`` of typing or receipt events; a receipt event left empty is
     removed with its room key."""
     one = filter_typing if typing else filter_receipt
     return edit_members(raw, run, lambda _, event: one(event, run))
 
 
-def _sticky_rooms(raw: Raw, run: Run) -> Raw | None:
+def _sticky_rooms(raw: Raw, run: RewriteState) -> Raw | None:
     """``{roomId: {"events": [...]}}`` of sticky events, filtered as timelines."""
 
     def room(room_id: str, room_raw: Raw) -> Raw | None:
@@ -86,7 +86,7 @@ _STICKY_EXTENSIONS = ("org.matrix.msc4354.sticky_events", "sticky_events")
 """MSC4354's sliding sync extension: its unstable name, and the stable one to come."""
 
 
-def _extensions(raw: Raw, run: Run) -> Raw | None:
+def _extensions(raw: Raw, run: RewriteState) -> Raw | None:
     if not run.relevant(raw):
         return None
     extensions = split_object(raw)

@@ -10,7 +10,7 @@ from typing import Any, TypeVar, cast
 import msgspec
 
 from .events import (
-    Run,
+    RewriteState,
     edit_items_at,
     event_filter,
     filter_events,
@@ -20,16 +20,16 @@ from .events import (
 from .nogc import without_gc
 from .raw import (
     EMPTY,
-    Member,
     Raw,
-    Tree5,
+    RoomsTree,
+    SplitValue,
     encode_object,
     key_len,
     render,
     split_array,
     split_object,
     split_object2,
-    split_object5,
+    split_rooms_tree,
 )
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
@@ -38,7 +38,12 @@ __all__ = ["invite_is_hidden", "membership_is_hidden_invite", "rewrite_sync"]
 
 
 def _section_events(
-    room: dict[str, Raw], key: str, run: Run, *, keep_all: bool = False, ephemeral: bool = False
+    room: dict[str, Raw],
+    key: str,
+    run: RewriteState,
+    *,
+    keep_all: bool = False,
+    ephemeral: bool = False,
 ) -> bool:
     """Filter ``room[key].events``."""
     section = room.get(key)
@@ -55,7 +60,7 @@ def _section_events(
     return True
 
 
-def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
+def _room(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
     if not run.relevant(raw):
         return None
     sections = split_object2(raw)
@@ -64,7 +69,7 @@ def _room(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     return encode_object(sections) if _room_sections(sections, run, joined=joined) else None
 
 
-def _room_sections(sections: dict[str, dict[str, Raw]], run: Run, *, joined: bool) -> bool:
+def _room_sections(sections: dict[str, dict[str, Raw]], run: RewriteState, *, joined: bool) -> bool:
     """Filter the sections of a room split two levels deep, in place; True if changed."""
     ephemeral = joined and run.ctx.filter_ephemeral
     changed = False
@@ -90,7 +95,7 @@ _SECTIONS = (
 )
 
 
-def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
+def _room_by_levels(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
     room = split_object(raw)
     if room is None:
         return None
@@ -104,7 +109,7 @@ def _room_by_levels(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     return encode_object(room) if changed else None
 
 
-def _rooms(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
+def _rooms(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
     if not run.relevant(raw):
         return None
     rooms = split_object(raw)
@@ -113,7 +118,7 @@ def _rooms(raw: Raw, run: Run, *, joined: bool) -> Raw | None:
     return encode_object(rooms) if _rooms_in(rooms, run, joined=joined) else None
 
 
-def _rooms_in(rooms: dict[str, Raw], run: Run, joined: bool) -> bool:
+def _rooms_in(rooms: dict[str, Raw], run: RewriteState, joined: bool) -> bool:
     changed = False
     for room_id in rooms:
         run.room_id = room_id
@@ -121,11 +126,11 @@ def _rooms_in(rooms: dict[str, Raw], run: Run, joined: bool) -> bool:
     return changed
 
 
-Room = dict[str, dict[str, Member]]
+Room = dict[str, dict[str, SplitValue]]
 """A room split down to its sections' members (``timeline.events`` as a list of events)."""
 
 
-def _rooms_deep(rooms: dict[str, Room], run: Run, joined: bool) -> bool:
+def _rooms_deep(rooms: dict[str, Room], run: RewriteState, joined: bool) -> bool:
     """``_rooms_in`` on rooms already split down to their events (edited in place).
 
     The events of each kind of list are gathered from all rooms and searched at once:
@@ -157,23 +162,23 @@ def _rooms_deep(rooms: dict[str, Room], run: Run, joined: bool) -> bool:
     return changed
 
 
-_NO_SECTION: dict[str, Member] = {}
+_NO_SECTION: dict[str, SplitValue] = {}
 _NO_EVENTS: list[Raw] = []  # never edited: it has no events
 
 
-def _events_list(section: dict[str, Member]) -> list[Raw]:
+def _events_list(section: dict[str, SplitValue]) -> list[Raw]:
     events = section.get("events")
     return events if isinstance(events, list) else _NO_EVENTS
 
 
-def _lists(values: list[Member]) -> list[list[Raw]]:
+def _lists(values: list[SplitValue]) -> list[list[Raw]]:
     """``values`` with what is not a list (a malformed ``events``) as an empty list."""
     if all(map(isinstance, values, repeat(list))):
         return cast(list[list[Raw]], values)
     return [value if isinstance(value, list) else _NO_EVENTS for value in values]
 
 
-def _invites_deep(rooms: dict[str, Room], run: Run) -> bool:
+def _invites_deep(rooms: dict[str, Room], run: RewriteState) -> bool:
     """``_invites_in`` on rooms already split down to their events (edited in place)."""
     hidden = []
     for room_id, room in rooms.items():
@@ -186,7 +191,7 @@ def _invites_deep(rooms: dict[str, Room], run: Run) -> bool:
     return _drop_invites(rooms, hidden, run)
 
 
-def _drop_invites(rooms: dict[str, Any], hidden: list[str], run: Run) -> bool:
+def _drop_invites(rooms: dict[str, Any], hidden: list[str], run: RewriteState) -> bool:
     """Remove the rooms whose invite is hidden, and record them (for invite rejection)."""
     for room_id in hidden:
         del rooms[room_id]
@@ -200,9 +205,9 @@ _Section = TypeVar("_Section")
 
 def _sections(
     sections: Mapping[str, _Section],
-    run: Run,
-    rooms: Callable[[_Section, Run, bool], bool],
-    invites: Callable[[_Section, Run], bool],
+    run: RewriteState,
+    rooms: Callable[[_Section, RewriteState, bool], bool],
+    invites: Callable[[_Section, RewriteState], bool],
 ) -> bool:
     """`rooms.join`, `rooms.leave` and `rooms.invite`, however deep they were split."""
     changed = False
@@ -215,11 +220,11 @@ def _sections(
     return changed
 
 
-def _sync_deep(deep: Tree5, run: Run) -> bool:
+def _sync_deep(deep: RoomsTree, run: RewriteState) -> bool:
     return _sections(deep, run, _rooms_deep, _invites_deep)
 
 
-def invite_is_hidden(events: Raw, run: Run) -> bool:
+def invite_is_hidden(events: Raw, run: RewriteState) -> bool:
     """Does this list of stripped state hold an invite of the user by an ignored user?"""
     if not run.relevant(events):
         return False
@@ -227,7 +232,7 @@ def invite_is_hidden(events: Raw, run: Run) -> bool:
     return items is not None and _invite_in(items, run)
 
 
-def membership_is_hidden_invite(events: Raw, run: Run) -> bool:
+def membership_is_hidden_invite(events: Raw, run: RewriteState) -> bool:
     """Is the user's membership in this stripped state an invite by an ignored user?
 
     Sliding sync sends stripped state for knocks and rejected invites too, and there it
@@ -247,7 +252,7 @@ def membership_is_hidden_invite(events: Raw, run: Run) -> bool:
     return False
 
 
-def _invite_in(items: list[Raw], run: Run) -> bool:
+def _invite_in(items: list[Raw], run: RewriteState) -> bool:
     for index in run.relevant_indexes(items):
         head = head_of(items[index])
         if head is not None and run.hides_invite(head):
@@ -255,7 +260,7 @@ def _invite_in(items: list[Raw], run: Run) -> bool:
     return False
 
 
-def _invites(raw: Raw, run: Run) -> Raw | None:
+def _invites(raw: Raw, run: RewriteState) -> Raw | None:
     if not run.relevant(raw):
         return None
     rooms = split_object(raw)
@@ -264,7 +269,7 @@ def _invites(raw: Raw, run: Run) -> Raw | None:
     return encode_object(rooms) if _invites_in(rooms, run) else None
 
 
-def _invites_in(rooms: dict[str, Raw], run: Run) -> bool:
+def _invites_in(rooms: dict[str, Raw], run: RewriteState) -> bool:
     hidden = []
     for room_id, room_raw in rooms.items():
         room = split_object(room_raw) if run.relevant(room_raw) else None
@@ -284,7 +289,7 @@ class _Top(msgspec.Struct, gc=False, forbid_unknown_fields=True):
     and the caller splits it generically. Not tracked by the garbage collector: nothing
     it holds can refer back to it."""
 
-    rooms: Tree5 | msgspec.UnsetType = msgspec.UNSET
+    rooms: RoomsTree | msgspec.UnsetType = msgspec.UNSET
     next_batch: Raw = EMPTY
     account_data: Raw = EMPTY
     to_device: Raw = EMPTY
@@ -304,7 +309,7 @@ _TOP_NAMES = tuple(
 )
 
 
-def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
+def _split_top(body: bytes) -> tuple[RoomsTree, dict[str, Raw]] | None:
     """The ``rooms`` of a ``/sync`` body split down to its events, and all the top-level
     members in their order (``rooms`` as that tree); None unless the top level is
     compact with each member known (see ``_Top``) and there once.
@@ -349,7 +354,7 @@ def _split_top(body: bytes) -> tuple[Tree5, dict[str, Raw]] | None:
     return (top.rooms, ordered) if pos == len(body) else None
 
 
-def without_ignored_presence(members: dict[str, Raw], run: Run) -> bool:
+def without_ignored_presence(members: dict[str, Raw], run: RewriteState) -> bool:
     """`presence.events` without the ignored users' (with ``filter_ephemeral``): an
     `m.presence` event is sent by its user, and its `status_msg` is their words. The
     bytes this takes out of the compact text are counted in ``run.shrunk``."""
@@ -383,7 +388,7 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     split = _split_top(body)
     if split is not None:
         deep, members = split
-        run = Run(ctx, body)
+        run = RewriteState(ctx, body)
         if not run.anything:
             return None
         changed = _sync_deep(deep, run)
@@ -392,7 +397,7 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
             return None
         rendered = render(members)
         # Rendered unedited, the tree would be this long; if that is the length of the
-        # body, the body is what rendering writes (see ``raw.Member``): what the edits
+        # body, the body is what rendering writes (see ``raw.SplitValue``): what the edits
         # left alone is byte for byte as it was. Otherwise the generic path.
         if len(rendered) + run.shrunk == len(body):
             return run.result(rendered)
@@ -404,7 +409,7 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
         return finish(top, run, presence_changed)
-    rooms_deep = split_object5(rooms_raw)
+    rooms_deep = split_rooms_tree(rooms_raw)
     if rooms_deep is not None:
         changed = _sync_deep(rooms_deep, run)
         if changed:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from .events import Run
+from .events import RewriteState
 from .raw import Raw, encode_object, render, split_object, top_object
 from .types import IgnoreContext, Rewritten
 
@@ -31,17 +31,17 @@ def edit_in(raw: Raw, key: str, fn: Callable[[Raw], Raw | None]) -> Raw | None:
     return encode_object(members)
 
 
-def start(body: bytes, ctx: IgnoreContext) -> tuple[dict[str, Raw], Run] | None:
+def start(body: bytes, ctx: IgnoreContext) -> tuple[dict[str, Raw], RewriteState] | None:
     """Split the top level (InvalidBody if it is not an object) and set up a run;
     None if the body certainly mentions no ignored user."""
     top = top_object(body)
-    run = Run(ctx, body)
+    run = RewriteState(ctx, body)
     if not run.anything:
         return None
     return top, run
 
 
-def finish(top: dict[str, Raw], run: Run, changed: bool) -> Rewritten | None:
+def finish(top: dict[str, Raw], run: RewriteState, changed: bool) -> Rewritten | None:
     if not changed:
         return None
     return run.result(render(top))

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from ignore_proxy.rewrite import rewrite_messages, rewrite_sync
-from ignore_proxy.rewrite.raw import render, split_object2, split_object5
+from ignore_proxy.rewrite.raw import render, split_object2, split_rooms_tree
 from ignore_proxy.rewrite.sync import _split_top
 from tests.rewrite.factories import CTX
 
@@ -28,7 +28,7 @@ def test_split_object2_only_for_compact_minimal_text() -> None:
         assert split_object2(text) is None, text
 
 
-def test_split_object5_only_for_text_it_renders_back() -> None:
+def test_split_rooms_tree_only_for_text_it_renders_back() -> None:
     for text in [
         b"{}",
         b'{"a":{}}',
@@ -37,7 +37,7 @@ def test_split_object5_only_for_text_it_renders_back() -> None:
         b'{"a":{"b":{"c":{"d":"s","e":true,"f":null,"g":-15,"h":[]}}}}',
         '{"\u00e9":{"\u2603":{"x":{"y":["\\u0040"]}}}}'.encode(),
     ]:
-        tree = split_object5(text)
+        tree = split_rooms_tree(text)
         assert tree is not None, text
         assert render(tree) == text
     for text in [
@@ -49,14 +49,14 @@ def test_split_object5_only_for_text_it_renders_back() -> None:
         b'{"a":{"b":{"c":{"\\/":1}}}}',
         b'{"a":{"b":{"c":{"d":"\\u0040"}}}}',
         b'{"a":{"b":{"c":{"d":1E2}}}}',
-        b'{"a":{"b":{"c":{"d":-1.5}}}}',  # no floats there (see raw.Member)
+        b'{"a":{"b":{"c":{"d":-1.5}}}}',  # no floats there (see raw.SplitValue)
         b'{"a":{"b":{"c":{"d":-0}}}}',
         b'{"a":{"b":{"c":1}}}',
         b'{"a":{"b":[]}}',
         b"[]",
         b'{"a":{"b":{"c":{"d":"\\ud800"}}}}',
     ]:
-        assert split_object5(text) is None, text
+        assert split_rooms_tree(text) is None, text
 
 
 def test_sync_deep_split_matches_level_by_level() -> None:
