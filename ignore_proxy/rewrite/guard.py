@@ -44,7 +44,6 @@ from .raw import (
     split_array,
     split_object,
 )
-from .scan import mentions_any
 from .sender_scan import event_sender, holds_no_ignored_event
 from .types import IgnoreContext, Rewriter, Rewritten
 
@@ -258,13 +257,11 @@ class Guarded:
 
 
 def rewrite_guarded(rewriter: Rewriter, body: bytes, ctx: IgnoreContext) -> Guarded:
-    """`rewriter`'s answer, then `guard_body` over it where an ignored ID is still
-    mentioned (a state event of theirs, or a place no rewriter knows). Raises what they
-    raise: SenderIgnored, InvalidBody, IgnoredEventLeft."""
+    """`rewriter`'s answer, then `guard_body` over it (which looks no further than one
+    scan of the bytes where no ignored user's event can be left). Raises what they raise:
+    SenderIgnored, InvalidBody, IgnoredEventLeft."""
     rewritten = rewriter(body, ctx)
     final = body if rewritten is None else rewritten.body
-    if not mentions_any(final, ctx.ignored):
-        return Guarded(rewritten)
     caught = guard_body(final, ctx)
     if caught is None:
         return Guarded(rewritten)
