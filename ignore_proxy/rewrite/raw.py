@@ -28,6 +28,7 @@ __all__ = [
     "encode_object",
     "key_len",
     "render",
+    "render_edited",
     "renders_as",
     "split_array",
     "split_members",
@@ -196,8 +197,7 @@ scalar decoded.
 No floats: for everything else here msgspec writes the shortest text any JSON spelling
 of the value can have (no whitespace, no escape it can do without), so a decoded tree
 renders back to its input when the two have the same length (up to the case of hex
-digits in ``\\u`` escapes of control characters): the check of ``sync.rewrite_sync``
-and ``rooms.rewrite_messages``.
+digits in ``\\u`` escapes of control characters): the check of ``render_edited``.
 A float's text can be shorter than what msgspec writes for it (``1e2``, ``100.0``); a
 body with one at these levels takes the level-by-level path."""
 RoomsTree = dict[str, dict[str, dict[str, dict[str, SplitValue]]]]
@@ -231,6 +231,21 @@ def split_members(data: Raw | bytes) -> dict[str, SplitValue] | None:
         return _members_decoder.decode(data)
     except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
         return None
+
+
+def render_edited(tree: dict[str, Any], body: bytes, shrunk: int) -> bytes | None:
+    """``tree``, a body split in one decode and then edited, rendered; or None when the
+    rendering could differ from ``body`` anywhere the edits did not touch.
+
+    The argument, the one place it is made: msgspec writes the shortest text any JSON
+    spelling of a value can have (see ``SplitValue``), so the unedited tree renders at
+    most as long as ``body``, and exactly as long only when it renders ``body`` itself.
+    ``shrunk`` is what the edits took out of that compact text (each edit counts it as
+    it is made); so when the edited rendering plus ``shrunk`` is as long as ``body``,
+    the unedited tree rendered ``body`` byte for byte, and everything the edits left
+    alone comes out as it came in. Otherwise the caller takes its generic path."""
+    rendered = render(tree)
+    return rendered if len(rendered) + shrunk == len(body) else None
 
 
 def key_len(key: str) -> int:

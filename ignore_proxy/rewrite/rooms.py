@@ -32,6 +32,7 @@ from .raw import (
     decode_value,
     encode_object,
     render,
+    render_edited,
     split_array,
     split_members,
     split_object,
@@ -71,10 +72,8 @@ def _rewrite_lists(
         changed = _edit_singles(members, run, single)
         if not _edit_lists(members, run, filtered, state) and not changed:
             return None
-        rendered = render(members)
-        # what the edits left alone is byte for byte as it was (see ``raw.SplitValue``);
-        # otherwise the generic path
-        if len(rendered) + run.shrunk == len(body):
+        rendered = render_edited(members, body, run.shrunk)
+        if rendered is not None:
             return run.result(rendered)
     started = start(body, ctx)
     if started is None:

@@ -26,6 +26,7 @@ from .raw import (
     encode_object,
     key_len,
     render,
+    render_edited,
     split_array,
     split_object,
     split_object2,
@@ -395,11 +396,8 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
         changed |= without_ignored_presence(members, run)
         if not changed:
             return None
-        rendered = render(members)
-        # Rendered unedited, the tree would be this long; if that is the length of the
-        # body, the body is what rendering writes (see ``raw.SplitValue``): what the edits
-        # left alone is byte for byte as it was. Otherwise the generic path.
-        if len(rendered) + run.shrunk == len(body):
+        rendered = render_edited(members, body, run.shrunk)
+        if rendered is not None:
             return run.result(rendered)
     started = start(body, ctx)
     if started is None:
