@@ -137,7 +137,10 @@ class Call:
                 task.exception()  # retrieved: no "never retrieved" ERROR per dead token
 
     async def read_json_body(self, limit: int) -> bytes:
-        """A client's JSON body the proxy must read itself, bounded by `limit`."""
+        """A client's JSON body the proxy must read itself, bounded by `limit` (read once:
+        what goes upstream is then these bytes)."""
+        if isinstance(self.body, bytes):
+            return self.body
         exchange = self.exchange
         exchange.body_limit = min(exchange.body_limit or limit, limit)
         body = await exchange.read_body()

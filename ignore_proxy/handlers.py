@@ -116,10 +116,8 @@ class IgnoreListWrite(Handler):
     needs_identity = True
 
     async def prepare(self, svc: Services, call: Call) -> None:
-        if call.exchange.body_done.is_set() and call.body is None:
-            raw = b""
-        else:
-            raw = await call.read_json_body(svc.settings.limits.max_json_body)
+        limit = svc.settings.limits.max_json_body
+        raw = b"" if call.body is None else await call.read_json_body(limit)
         if call.found.route.method == "PUT":
             checked = validate_put_body(raw, call.found.params["user_id"])
             if isinstance(checked, PutRejection):

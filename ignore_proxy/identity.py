@@ -9,7 +9,7 @@ from __future__ import annotations
 import asyncio
 import re
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Final
 from urllib.parse import unquote_to_bytes
@@ -78,7 +78,7 @@ _CREDENTIAL_PARAMS: Final = frozenset({_ACCESS_TOKEN, _USER_ID, _DEVICE_ID, _UNS
 
 
 def credentials_from_request(
-    headers: Iterable[tuple[bytes, bytes]], query: bytes, *, has_body: bool = False
+    headers: Sequence[tuple[bytes, bytes]], query: bytes, *, has_body: bool = False
 ) -> Credentials | None:
     """The credentials a request carries, read the way every homeserver reads them.
 
@@ -97,9 +97,10 @@ def credentials_from_request(
       `org.matrix.msc3202.device_id`) given twice, undecodable, or read differently when
       `;` separates parameters (Twisted splits on `;` as on `&`; Rust and Go servers do
       not, and Go drops an item holding `;`);
-    - a token that is empty or not visible ASCII.
+    - a token that is empty or not visible ASCII;
+    - with a body (`has_body`), a form-encoded or multipart one: Twisted reads its
+      fields into the same parameters as the query's.
     """
-    headers = list(headers)
     if has_body and any(
         name.lower() == b"content-type" and _FORM_TYPES.match(value) is not None
         for name, value in headers

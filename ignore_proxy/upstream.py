@@ -118,29 +118,25 @@ class HttpxUpstream:
             raise _from_httpx(exc) from exc
 
 
+# Each of httpx's transport failures and the pool's word for it, narrower ones first.
+_FAILURES: tuple[tuple[type[httpx.TransportError], type[pool_errors.UpstreamError]], ...] = (
+    (httpx.PoolTimeout, pool_errors.PoolFull),
+    (httpx.ConnectTimeout, pool_errors.ConnectTimedOut),
+    (httpx.WriteTimeout, pool_errors.WriteTimedOut),
+    (httpx.ReadTimeout, pool_errors.ReadTimedOut),
+    (httpx.ConnectError, pool_errors.Unreachable),
+)
+
+
 def _from_httpx(exc: httpx.TransportError) -> pool_errors.UpstreamError:
     """httpx's failure in the pool's words (the tests' in-process homeservers)."""
-    kinds: tuple[tuple[type[httpx.TransportError], type[pool_errors.UpstreamError]], ...] = (
-        (httpx.PoolTimeout, pool_errors.PoolFull),
-        (httpx.ConnectTimeout, pool_errors.ConnectTimedOut),
-        (httpx.WriteTimeout, pool_errors.WriteTimedOut),
-        (httpx.TimeoutException, pool_errors.ReadTimedOut),
-        (httpx.ConnectError, pool_errors.Unreachable),
-    )
-    kind = next((ours for theirs, ours in kinds if isinstance(exc, theirs)), None)
+    kind = next((ours for theirs, ours in _FAILURES if isinstance(exc, theirs)), None)
     return (kind or pool_errors.BadAnswer)(str(exc))
 
 
 def _to_httpx(exc: pool_errors.UpstreamError) -> httpx.TransportError:
     """The pool's failure in httpx's words, for the httpx client of the proxy's lookups."""
-    kinds: tuple[tuple[type[pool_errors.UpstreamError], type[httpx.TransportError]], ...] = (
-        (pool_errors.PoolFull, httpx.PoolTimeout),
-        (pool_errors.ConnectTimedOut, httpx.ConnectTimeout),
-        (pool_errors.WriteTimedOut, httpx.WriteTimeout),
-        (pool_errors.ReadTimedOut, httpx.ReadTimeout),
-        (pool_errors.Unreachable, httpx.ConnectError),
-    )
-    kind = next((theirs for ours, theirs in kinds if isinstance(exc, ours)), None)
+    kind = next((theirs for theirs, ours in _FAILURES if isinstance(exc, ours)), None)
     return (kind or httpx.RemoteProtocolError)(str(exc))
 
 
