@@ -13,7 +13,6 @@ the stdlib scanner, which also yields exact byte slices of its input.
 from __future__ import annotations
 
 import json
-from collections.abc import Iterable
 from typing import Any, cast
 
 import msgspec
@@ -29,12 +28,9 @@ __all__ = [
     "key_len",
     "render",
     "render_edited",
-    "renders_as",
     "split_array",
     "split_members",
     "split_object",
-    "split_object2",
-    "split_rooms_tree",
     "top_object",
 ]
 
@@ -139,57 +135,6 @@ def split_array(data: Raw | bytes) -> list[Raw] | None:
         return None if text is None else _slow_split_array(text)
 
 
-_obj2_decoder = msgspec.json.Decoder(dict[str, dict[str, Raw]])
-
-
-def _key_len(key: str) -> int:
-    """Length of the key's minimal JSON spelling; -1 if that spelling has a ``\\u``
-    escape (hex digits of either case give other spellings of the same length)."""
-    encoded = _encoder.encode(key)
-    return -1 if b"\\u" in encoded else len(encoded)
-
-
-def _keys_len(keys: Iterable[str], count: int) -> int:
-    """Total length of the minimal spellings of ``keys``; -1 as for ``_key_len``."""
-    joined = "".join(keys)
-    if joined.isascii() and joined.isprintable() and '"' not in joined and "\\" not in joined:
-        return len(joined) + 2 * count
-    total = 0
-    for key in keys:
-        key_len = _key_len(key)
-        if key_len < 0:
-            return -1
-        total += key_len
-    return total
-
-
-def split_object2(data: Raw | bytes) -> dict[str, dict[str, Raw]] | None:
-    """Two levels at once: an object whose members are all objects, split into raw
-    values of the second level; one pass instead of two.
-
-    Only if re-encoding any member gives back its original bytes: the text must be
-    compact with minimally spelled keys and no duplicate keys, which holds exactly when
-    its length equals the length those parts add up to (any whitespace, longer key
-    spelling or dropped duplicate makes the original longer). None otherwise (also for
-    anything that is not an object of objects): the caller splits level by level.
-    """
-    try:
-        outer = _obj2_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
-    keys_len = _keys_len(outer, len(outer))
-    if keys_len < 0:
-        return None
-    total = keys_len + (2 * len(outer) + 1 if outer else 2)  # braces, colons, commas
-    for inner in outer.values():
-        inner_keys_len = _keys_len(inner, len(inner))
-        if inner_keys_len < 0:
-            return None
-        total += inner_keys_len + sum(map(len, inner.values()))
-        total += 2 * len(inner) + 1 if inner else 2
-    return outer if total == len(data) else None
-
-
 SplitValue = list[Raw] | dict[str, Raw] | str | int | bool | None
 """A value split one level: an array into raw items, an object into raw members, a
 scalar decoded.
@@ -199,27 +144,10 @@ of the value can have (no whitespace, no escape it can do without), so a decoded
 renders back to its input when the two have the same length (up to the case of hex
 digits in ``\\u`` escapes of control characters): the check of ``render_edited``.
 A float's text can be shorter than what msgspec writes for it (``1e2``, ``100.0``); a
-body with one at these levels takes the level-by-level path."""
+body with one at these levels takes the generic path."""
 RoomsTree = dict[str, dict[str, dict[str, dict[str, SplitValue]]]]
-_rooms_tree_decoder = msgspec.json.Decoder(RoomsTree)
-
-
-def split_rooms_tree(data: Raw | bytes) -> RoomsTree | None:
-    """Five levels at once: objects of objects of objects of objects of ``SplitValue``s; one
-    pass instead of five.
-
-    Only if rendering the tree gives back ``data`` byte for byte (compact, minimally
-    spelled keys and strings, no duplicate keys, numbers written as msgspec writes
-    them): then rendering it after editing some of its parts changes nothing else. None
-    otherwise (also for anything of another shape): the caller splits level by level.
-    """
-    try:
-        tree = _rooms_tree_decoder.decode(data)
-    except (msgspec.DecodeError, msgspec.ValidationError, RecursionError):
-        return None
-    return tree if renders_as(tree, data) else None
-
-
+"""The ``rooms`` of a ``/sync`` answer split in one decode down to its sections' members
+(``join`` -> room ID -> ``timeline`` -> ``events`` as a list of raw events)."""
 _members_decoder = msgspec.json.Decoder(dict[str, SplitValue])
 
 
@@ -251,15 +179,6 @@ def render_edited(tree: dict[str, Any], body: bytes, shrunk: int) -> bytes | Non
 def key_len(key: str) -> int:
     """The length of a key's minimal JSON spelling."""
     return len(_encoder.encode(key))
-
-
-def renders_as(node: object, data: Raw | bytes) -> bool:
-    """Does rendering ``node`` give exactly ``data``? (``data`` is not copied.)"""
-    try:
-        rendered = _encoder.encode(node)
-    except (UnicodeEncodeError, msgspec.EncodeError):  # pragma: no cover - decoded JSON
-        return False
-    return len(rendered) == len(data) and rendered.startswith(data)
 
 
 def top_object(body: bytes) -> dict[str, Raw]:

@@ -2,10 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping
 from itertools import repeat
 from operator import itemgetter
-from typing import Any, TypeVar, cast
+from typing import Any, cast
 
 import msgspec
 
@@ -29,8 +28,6 @@ from .raw import (
     render_edited,
     split_array,
     split_object,
-    split_object2,
-    split_rooms_tree,
 )
 from .types import IgnoreContext, Rewritten
 from .walk import edit, edit_in, finish, start
@@ -61,30 +58,6 @@ def _section_events(
     return True
 
 
-def _room(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
-    if not run.relevant(raw):
-        return None
-    sections = split_object2(raw)
-    if sections is None:
-        return _room_by_levels(raw, run, joined=joined)
-    return encode_object(sections) if _room_sections(sections, run, joined=joined) else None
-
-
-def _room_sections(sections: dict[str, dict[str, Raw]], run: RewriteState, *, joined: bool) -> bool:
-    """Filter the sections of a room split two levels deep, in place; True if changed."""
-    ephemeral = joined and run.ctx.filter_ephemeral
-    changed = False
-    for key, keep_all in _SECTIONS:
-        section = sections.get(key)
-        if section is None or (key == "ephemeral" and not ephemeral) or "events" not in section:
-            continue
-        new = filter_events(section["events"], run, keep_all=keep_all, ephemeral=key == "ephemeral")
-        if new is not None:
-            section["events"] = new
-            changed = True
-    return changed
-
-
 _SECTIONS = (
     ("timeline", False),
     ("state", True),
@@ -94,19 +67,22 @@ _SECTIONS = (
     ("msc4354_sticky", False),
     ("sticky", False),
 )
+"""The event lists of a room, and whether all their events are kept (only fixed)."""
 
 
-def _room_by_levels(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
+def _room(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
+    if not run.relevant(raw):
+        return None
     room = split_object(raw)
     if room is None:
         return None
-    changed = _section_events(room, "timeline", run)
-    changed |= _section_events(room, "state", run, keep_all=True)
-    changed |= _section_events(room, "state_after", run, keep_all=True)
-    if joined and run.ctx.filter_ephemeral:
-        changed |= _section_events(room, "ephemeral", run, keep_all=True, ephemeral=True)
-    changed |= _section_events(room, "msc4354_sticky", run)
-    changed |= _section_events(room, "sticky", run)
+    ephemeral = joined and run.ctx.filter_ephemeral
+    changed = False
+    for key, keep_all in _SECTIONS:
+        if key != "ephemeral" or ephemeral:
+            changed |= _section_events(
+                room, key, run, keep_all=keep_all, ephemeral=key == "ephemeral"
+            )
     return encode_object(room) if changed else None
 
 
@@ -116,15 +92,11 @@ def _rooms(raw: Raw, run: RewriteState, *, joined: bool) -> Raw | None:
     rooms = split_object(raw)
     if rooms is None:
         return None
-    return encode_object(rooms) if _rooms_in(rooms, run, joined=joined) else None
-
-
-def _rooms_in(rooms: dict[str, Raw], run: RewriteState, joined: bool) -> bool:
     changed = False
     for room_id in rooms:
         run.room_id = room_id
         changed |= edit(rooms, room_id, lambda room: _room(room, run, joined=joined))
-    return changed
+    return encode_object(rooms) if changed else None
 
 
 Room = dict[str, dict[str, SplitValue]]
@@ -132,7 +104,7 @@ Room = dict[str, dict[str, SplitValue]]
 
 
 def _rooms_deep(rooms: dict[str, Room], run: RewriteState, joined: bool) -> bool:
-    """``_rooms_in`` on rooms already split down to their events (edited in place).
+    """``_rooms`` on rooms already split down to their events (edited in place).
 
     The events of each kind of list are gathered from all rooms and searched at once:
     events that mention no ignored user (most of them) cost no Python code of their own.
@@ -180,7 +152,7 @@ def _lists(values: list[SplitValue]) -> list[list[Raw]]:
 
 
 def _invites_deep(rooms: dict[str, Room], run: RewriteState) -> bool:
-    """``_invites_in`` on rooms already split down to their events (edited in place)."""
+    """``_invites`` on rooms already split down to their events (edited in place)."""
     hidden = []
     for room_id, room in rooms.items():
         invite_state = room.get("invite_state", _NO_SECTION)
@@ -201,28 +173,16 @@ def _drop_invites(rooms: dict[str, Any], hidden: list[str], run: RewriteState) -
     return bool(hidden)
 
 
-_Section = TypeVar("_Section")
-
-
-def _sections(
-    sections: Mapping[str, _Section],
-    run: RewriteState,
-    rooms: Callable[[_Section, RewriteState, bool], bool],
-    invites: Callable[[_Section, RewriteState], bool],
-) -> bool:
-    """`rooms.join`, `rooms.leave` and `rooms.invite`, however deep they were split."""
-    changed = False
-    if "join" in sections:
-        changed |= rooms(sections["join"], run, True)
-    if "leave" in sections:
-        changed |= rooms(sections["leave"], run, False)
-    if "invite" in sections:
-        changed |= invites(sections["invite"], run)
-    return changed
-
-
 def _sync_deep(deep: RoomsTree, run: RewriteState) -> bool:
-    return _sections(deep, run, _rooms_deep, _invites_deep)
+    """`rooms.join`, `rooms.leave` and `rooms.invite` of a body split in one decode."""
+    changed = False
+    if "join" in deep:
+        changed |= _rooms_deep(deep["join"], run, True)
+    if "leave" in deep:
+        changed |= _rooms_deep(deep["leave"], run, False)
+    if "invite" in deep:
+        changed |= _invites_deep(deep["invite"], run)
+    return changed
 
 
 def invite_is_hidden(events: Raw, run: RewriteState) -> bool:
@@ -267,10 +227,6 @@ def _invites(raw: Raw, run: RewriteState) -> Raw | None:
     rooms = split_object(raw)
     if rooms is None:
         return None
-    return encode_object(rooms) if _invites_in(rooms, run) else None
-
-
-def _invites_in(rooms: dict[str, Raw], run: RewriteState) -> bool:
     hidden = []
     for room_id, room_raw in rooms.items():
         room = split_object(room_raw) if run.relevant(room_raw) else None
@@ -281,7 +237,7 @@ def _invites_in(rooms: dict[str, Raw], run: RewriteState) -> bool:
             continue
         if invite_is_hidden(invite_state["events"], run):
             hidden.append(room_id)
-    return _drop_invites(rooms, hidden, run)
+    return encode_object(rooms) if _drop_invites(rooms, hidden, run) else None
 
 
 class _Top(msgspec.Struct, gc=False, forbid_unknown_fields=True):
@@ -386,6 +342,8 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     ``m.typing`` and ``m.receipt``. Bundled thread summaries everywhere. Everything else,
     including ``limited`` and ``prev_batch``, is left as it was.
     """
+    # The fast path: the whole body in one decode, when its text is what rendering the
+    # decoded tree writes (``render_edited`` checks that once the tree is edited).
     split = _split_top(body)
     if split is not None:
         deep, members = split
@@ -399,6 +357,8 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
         rendered = render_edited(members, body, run.shrunk)
         if rendered is not None:
             return run.result(rendered)
+    # The generic path: one level at a time, split only where an ignored user is mentioned;
+    # what it does not split goes out as the bytes that came in.
     started = start(body, ctx)
     if started is None:
         return None
@@ -407,18 +367,6 @@ def rewrite_sync(body: bytes, ctx: IgnoreContext) -> Rewritten | None:
     rooms_raw = top.get("rooms")
     if rooms_raw is None or not run.relevant(rooms_raw):
         return finish(top, run, presence_changed)
-    rooms_deep = split_rooms_tree(rooms_raw)
-    if rooms_deep is not None:
-        changed = _sync_deep(rooms_deep, run)
-        if changed:
-            top["rooms"] = encode_object(cast(dict[str, Raw], rooms_deep))
-        return finish(top, run, changed or presence_changed)
-    sections = split_object2(rooms_raw)
-    if sections is not None:
-        changed = _sections(sections, run, _rooms_in, _invites_in)
-        if changed:
-            top["rooms"] = encode_object(sections)
-        return finish(top, run, changed or presence_changed)
     rooms = split_object(rooms_raw)
     if rooms is None:
         return finish(top, run, presence_changed)
