@@ -15,6 +15,7 @@ from typing import Any
 import httpx
 
 from tests.fake_homeserver import ALICE, BOB, CHARLIE, ROOM, FakeHomeserver, build_app, message
+from tests.servers import stop_served_handlers
 
 PACKAGE = "ignore_proxy"
 
@@ -60,6 +61,7 @@ async def _one_sync() -> dict[str, Any]:
             response = await client.get("/_matrix/client/v3/sync", headers=headers)
         finally:
             sys.setprofile(None)
+    await stop_served_handlers()
     assert "$b" not in response.text and "$c" in response.text
     return {"functions": len(functions), "modules": len(modules), "crossings": crossings}
 

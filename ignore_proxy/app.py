@@ -18,7 +18,7 @@ from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
 from .metrics import Metrics
 from .proxy import Proxy
-from .upstream import HttpxUpstream, PoolTransport, Upstream, create_client, create_pool
+from .upstream import PoolTransport, create_client, create_lookup_pool, create_pool
 
 # The proxy's own endpoints live under a prefix no Matrix path can start with.
 OWN_PREFIX = "/_ignore_proxy/"
@@ -28,16 +28,11 @@ READY_PROBE = "/_matrix/client/versions"
 class IgnoreProxyApp:
     """Everything goes to the proxy except the proxy's own endpoints and lifespan events."""
 
-    def __init__(self, settings: Settings, transport: httpx.AsyncBaseTransport | None = None):
+    def __init__(self, settings: Settings):
         self.settings = settings
-        upstream: Upstream
-        if transport is None:
-            pool = create_pool(settings)
-            upstream, transport = pool, PoolTransport(pool)
-            self.client = create_client(settings, transport)
-        else:  # an in-process homeserver (tests)
-            self.client = create_client(settings, transport)
-            upstream = HttpxUpstream(self.client)
+        pool = create_pool(settings)
+        # The proxy's own lookups go through httpx over a pool of their own.
+        self.client = create_client(settings, PoolTransport(create_lookup_pool(settings)))
         self.identity = IdentityResolver(
             self.client,
             max_size=settings.identity.cache_size,
@@ -51,7 +46,8 @@ class IgnoreProxyApp:
         self.metrics = Metrics()
         self.metrics.watch_caches(self.identity, self.ignore_lists)
         services = Services(settings, self.client, self.identity, self.ignore_lists, self.metrics)
-        self.proxy = Proxy(settings, upstream, services)
+        self.pool = pool
+        self.proxy = Proxy(settings, pool, services)
         self.own = Starlette(
             routes=[
                 Route(OWN_PREFIX + "health/live", self.live),
@@ -72,6 +68,7 @@ class IgnoreProxyApp:
             yield
         finally:
             await self.client.aclose()
+            await self.pool.aclose()
 
     async def live(self, request: Request) -> Response:
         return JSONResponse({"status": "ok"})
@@ -91,7 +88,5 @@ class IgnoreProxyApp:
         return JSONResponse({"status": "ok"})
 
 
-def create_app(
-    settings: Settings, transport: httpx.AsyncBaseTransport | None = None
-) -> IgnoreProxyApp:
-    return IgnoreProxyApp(settings, transport)
+def create_app(settings: Settings) -> IgnoreProxyApp:
+    return IgnoreProxyApp(settings)

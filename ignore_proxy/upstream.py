@@ -35,7 +35,7 @@ BODY_HEADERS = frozenset({b"content-length", b"content-encoding", b"transfer-enc
 
 
 class UpstreamResponse(Protocol):
-    """An upstream answer whose head has arrived (`pool.Response`, or httpx's adapted)."""
+    """An upstream answer whose head has arrived: what the proxy reads of `pool.Response`."""
 
     @property
     def status_code(self) -> int: ...
@@ -64,61 +64,8 @@ class Upstream(Protocol):
     ) -> UpstreamResponse: ...
 
 
-class _HttpxResponse:
-    """An httpx answer seen as an `UpstreamResponse`."""
-
-    __slots__ = ("_response", "headers", "status_code")
-
-    def __init__(self, response: httpx.Response) -> None:
-        self._response = response
-        self.status_code = response.status_code
-        self.headers: RawHeaders = list(response.headers.raw)
-
-    async def aiter_raw(self) -> AsyncIterator[bytes]:
-        try:
-            async for chunk in self._response.aiter_raw():
-                yield chunk
-        except httpx.TransportError as exc:
-            raise _from_httpx(exc) from exc
-
-    at_eof = False  # httpx does not tell; the end is an empty last message
-
-    async def aclose(self) -> None:
-        await self._response.aclose()
-
-
-class HttpxUpstream:
-    """Forwarding through an httpx client: for a transport given from outside (the tests'
-    in-process homeservers). Production forwards through the pool directly."""
-
-    def __init__(self, client: httpx.AsyncClient) -> None:
-        self.client = client
-
-    async def send(
-        self,
-        method: str,
-        target: bytes,
-        headers: RawHeaders,
-        body: Body,
-        timeouts: ExchangeTimeouts,
-    ) -> UpstreamResponse:
-        timeout = httpx.Timeout(
-            connect=timeouts.connect, read=timeouts.read, write=timeouts.write, pool=timeouts.pool
-        )
-        request = httpx.Request(
-            method,
-            self.client.base_url.copy_with(raw_path=target),
-            headers=headers,
-            content=body,
-            extensions={"timeout": timeout.as_dict()},
-        )
-        try:
-            return _HttpxResponse(await self.client.send(request, stream=True))
-        except httpx.TransportError as exc:
-            raise _from_httpx(exc) from exc
-
-
-# Each of httpx's transport failures and the pool's word for it, narrower ones first.
+# Each of httpx's transport failures and the pool's word for it, narrower ones first: the
+# proxy's own lookups ask through httpx over the pool (PoolTransport).
 _FAILURES: tuple[tuple[type[httpx.TransportError], type[pool_errors.UpstreamError]], ...] = (
     (httpx.PoolTimeout, pool_errors.PoolFull),
     (httpx.ConnectTimeout, pool_errors.ConnectTimedOut),
@@ -126,12 +73,6 @@ _FAILURES: tuple[tuple[type[httpx.TransportError], type[pool_errors.UpstreamErro
     (httpx.ReadTimeout, pool_errors.ReadTimedOut),
     (httpx.ConnectError, pool_errors.Unreachable),
 )
-
-
-def _from_httpx(exc: httpx.TransportError) -> pool_errors.UpstreamError:
-    """httpx's failure in the pool's words (the tests' in-process homeservers)."""
-    kind = next((ours for theirs, ours in _FAILURES if isinstance(exc, theirs)), None)
-    return (kind or pool_errors.BadAnswer)(str(exc))
 
 
 def _to_httpx(exc: pool_errors.UpstreamError) -> httpx.TransportError:
@@ -214,10 +155,27 @@ KEEPALIVE_EXPIRY = 15.0
 
 
 def create_pool(settings: Settings) -> UpstreamPool:
+    """The pool clients' requests are forwarded through."""
     return UpstreamPool(
         settings.upstream,
         max_connections=settings.limits.max_connections,
         max_keepalive_connections=settings.limits.max_keepalive_connections,
+        keepalive_expiry=KEEPALIVE_EXPIRY,
+        max_header_bytes=settings.limits.max_header_bytes,
+    )
+
+
+def create_lookup_pool(settings: Settings) -> UpstreamPool:
+    """The pool of the proxy's own lookups, apart from the forwarding pool: a forwarded
+    request holds its connection while its answer waits for a lookup (whoami, the list),
+    so lookups queued behind forwarded requests for the same connections could wait for
+    each other until the pool timeout, whenever as many requests as connections are in
+    flight (thousands of parked long-polls)."""
+    size = max(64, settings.limits.max_connections // 8)
+    return UpstreamPool(
+        settings.upstream,
+        max_connections=size,
+        max_keepalive_connections=min(size, settings.limits.max_keepalive_connections),
         keepalive_expiry=KEEPALIVE_EXPIRY,
         max_header_bytes=settings.limits.max_header_bytes,
     )

@@ -10,6 +10,8 @@ import httpx
 import pytest
 import respx
 
+from .servers import stop_served_handlers
+
 HS = "https://hs.test"
 
 
@@ -31,6 +33,13 @@ async def upstream() -> AsyncIterator[respx.MockRouter]:
 async def client() -> AsyncIterator[httpx.AsyncClient]:
     async with httpx.AsyncClient(base_url=HS) as c:
         yield c
+
+
+@pytest.fixture(autouse=True)
+async def _stop_served_handlers() -> AsyncIterator[None]:
+    """Homeservers a test served in its loop (``servers.serve_handler``) stop with it."""
+    yield
+    await stop_served_handlers()
 
 
 @pytest.fixture

@@ -1,7 +1,8 @@
-"""An in-memory homeserver behind `httpx.MockTransport`, for the proxy's rules in detail.
+"""A scripted homeserver for the proxy's rules in detail, served on a real local socket
+to the proxy as production assembles it (``build_app``).
 
 It knows tokens, account data and canned answers; it never filters anything itself,
-like Conduit. Streaming and real sockets are covered by the tests on real servers.
+like Conduit. Real homeservers are the end-to-end tests' (``tests/e2e``).
 """
 
 from __future__ import annotations
@@ -17,6 +18,8 @@ import httpx
 
 from ignore_proxy.app import IgnoreProxyApp, create_app
 from ignore_proxy.config import load_settings
+
+from .servers import HandlerResult, serve_handler
 
 ALICE, BOB, CHARLIE, DAVE = "@alice:hs", "@bob:hs", "@charlie:hs", "@dave:hs"
 ROOM = "!room:hs"
@@ -46,14 +49,6 @@ def state(event_id: str, sender: str, type_: str = "m.room.topic", key: str = ""
         "origin_server_ts": 1,
         "room_id": ROOM,
     }
-
-
-class _Stream(httpx.AsyncByteStream):
-    def __init__(self, data: bytes) -> None:
-        self.data = data
-
-    async def __aiter__(self):  # type: ignore[no-untyped-def]
-        yield self.data
 
 
 @dataclass
@@ -90,15 +85,7 @@ class FakeHomeserver:
         return self.tokens.get(token)
 
     def __call__(self, request: httpx.Request) -> httpx.Response:
-        answer = self.answer(request)
-        # Streamed like a real transport's answer, not preloaded as MockTransport's are.
-        # The bytes as given, not `content`, which httpx has already decoded (gzip).
-        raw = (
-            b"".join(answer.stream)
-            if isinstance(answer.stream, httpx.ByteStream)
-            else answer.content
-        )
-        return httpx.Response(answer.status_code, headers=answer.headers, stream=_Stream(raw))
+        return self.answer(request)
 
     def answer(self, request: httpx.Request) -> httpx.Response:
         self.requests.append(request)
@@ -159,10 +146,12 @@ def client_path(raw_path: str) -> str:
     return "/" + "/".join(unquote(part) for part in parts)
 
 
-def build_app(homeserver: FakeHomeserver, **env: str) -> IgnoreProxyApp:
+def build_app(homeserver: Callable[[httpx.Request], HandlerResult], **env: str) -> IgnoreProxyApp:
+    """The proxy as production assembles it (its own upstream pool), in front of
+    ``homeserver`` served on a real local socket. Call it inside the test's event loop."""
     environ = {f"IGNORE_PROXY_{key.upper()}": value for key, value in env.items()}
-    settings = load_settings(environ={"IGNORE_PROXY_UPSTREAM": "http://hs.test", **environ})
-    return create_app(settings, transport=httpx.MockTransport(homeserver))
+    upstream = serve_handler(homeserver)
+    return create_app(load_settings(environ={"IGNORE_PROXY_UPSTREAM": upstream, **environ}))
 
 
 def client_for(app: IgnoreProxyApp, token: str | None = None) -> httpx.AsyncClient:

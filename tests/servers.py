@@ -11,7 +11,7 @@ import subprocess
 import sys
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -212,6 +212,99 @@ def serve_upstream(app: Any, port: int | None = None, **tls: str) -> Iterator[st
     with ThreadedServer(config).run_in_thread():
         # https by name: the test certificate names `localhost`.
         yield f"https://localhost:{port}" if tls else f"http://127.0.0.1:{port}"
+
+
+HandlerResult = httpx.Response | Awaitable[httpx.Response]
+
+
+class _InLoopServer(uvicorn.Server):
+    """uvicorn in the test's own event loop: an async handler may wait on the test's events."""
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        yield  # pytest owns the signals of its main thread
+
+
+def handler_app(handler: Callable[[httpx.Request], HandlerResult], base_url: str) -> Any:
+    """An ASGI app answering each request with ``handler(request)`` (sync or async), the
+    request rebuilt as httpx's with ``base_url`` and the raw path as sent."""
+
+    async def app(scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "lifespan":
+            while (message := await receive())["type"] != "lifespan.shutdown":
+                await send({"type": message["type"] + ".complete"})
+            await send({"type": "lifespan.shutdown.complete"})
+            return
+        body = b""
+        while True:
+            message = await receive()
+            body += message.get("body", b"")
+            if not message.get("more_body"):
+                break
+        query: bytes = scope["query_string"]
+        raw_path: bytes = scope["raw_path"] + (b"?" + query if query else b"")
+        request = httpx.Request(
+            scope["method"],
+            httpx.URL(base_url).copy_with(raw_path=raw_path),
+            headers=scope["headers"],
+            content=body,
+        )
+        answer = handler(request)
+        if not isinstance(answer, httpx.Response):
+            answer = await answer
+        # The bytes as given, not `content`, which httpx would have decoded (gzip).
+        raw = b"".join([chunk async for chunk in answer.stream])  # type: ignore[union-attr]
+        headers = [
+            (name, value)
+            for name, value in answer.headers.raw
+            if name.lower() not in (b"transfer-encoding", b"content-length")
+        ]
+        headers.append((b"content-length", b"%d" % len(raw)))
+        start = {"type": "http.response.start", "status": answer.status_code, "headers": headers}
+        await send(start)
+        await send({"type": "http.response.body", "body": raw})
+
+    return app
+
+
+_served: list[tuple[_InLoopServer, asyncio.Task[None], socket.socket]] = []
+
+
+def serve_handler(handler: Callable[[httpx.Request], HandlerResult]) -> str:
+    """Serve ``handler`` (request -> answer, sync or async) over a real socket on 127.0.0.1
+    in the running event loop, until ``stop_served_handlers``; returns its base URL.
+
+    The listening socket is bound before this returns, so connections made at once wait in
+    its backlog while the server starts."""
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(4096)
+    url = f"http://127.0.0.1:{sock.getsockname()[1]}"
+    config = uvicorn.Config(
+        handler_app(handler, url),
+        log_level="warning",
+        lifespan="off",
+        access_log=False,
+        timeout_graceful_shutdown=1,
+        backlog=4096,  # uvicorn listens again with its own backlog: thousands connect at once
+    )
+    server = _InLoopServer(config)
+    task = asyncio.get_running_loop().create_task(server.serve([sock]))
+    _served.append((server, task, sock))
+    return url
+
+
+async def stop_served_handlers() -> None:
+    """Stop the servers ``serve_handler`` started in the running loop (an autouse fixture
+    calls this after each test)."""
+    loop = asyncio.get_running_loop()
+    running = [entry for entry in _served if entry[1].get_loop() is loop]
+    for entry in running:
+        _served.remove(entry)
+        entry[0].should_exit = True
+    await asyncio.gather(*(task for _, task, _ in running), return_exceptions=True)
+    for _, _, sock in running:
+        sock.close()
 
 
 @dataclass

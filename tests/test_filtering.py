@@ -9,9 +9,6 @@ from typing import Any
 import httpx
 import pytest
 
-from ignore_proxy.app import create_app
-from ignore_proxy.config import load_settings
-
 from .fake_homeserver import (
     ALICE,
     BOB,
@@ -143,8 +140,7 @@ async def test_a_list_forgotten_while_the_homeserver_answers_is_read_again(
             await gate.wait()
         return homeserver(request)
 
-    settings = load_settings(environ={"IGNORE_PROXY_UPSTREAM": "http://hs.test"})
-    app = create_app(settings, transport=httpx.MockTransport(held_sync))
+    app = build_app(held_sync)
     async with client_for(app, "alice-token") as alice:
         poll = asyncio.create_task(alice.get(SYNC))
         while not app.ignore_lists.known(ALICE):  # noqa: ASYNC110 (the store signals nothing)

@@ -16,15 +16,13 @@ import json
 
 import httpx
 
-from ignore_proxy.app import create_app
-from ignore_proxy.config import load_settings
 from tests.fake_homeserver import (
     ALICE,
     BOB,
     CHARLIE,
     ROOM,
     FakeHomeserver,
-    _Stream,
+    build_app,
     client_for,
     message,
 )
@@ -59,8 +57,7 @@ async def test_a_sync_answer_older_than_a_put_does_not_undo_it() -> None:
             await gate.wait()
         return hs(request)
 
-    settings = load_settings(environ={"IGNORE_PROXY_UPSTREAM": "http://hs.test"})
-    app = create_app(settings, transport=httpx.MockTransport(handler))
+    app = build_app(handler)
     async with client_for(app, "alice-token") as laptop, client_for(app, "alice-phone") as phone:
         initial_sync = asyncio.create_task(laptop.get(SYNC))  # a new device, slow
         await sync_started.wait()
@@ -94,11 +91,10 @@ async def test_a_put_under_another_path_user_still_updates_the_list() -> None:
             user = hs.user_of(request)  # as Conduit: the sender's, whatever the path says
             assert user is not None
             hs.account_data[user] = json.loads(request.content)
-            return httpx.Response(200, headers=JSON_TYPE, stream=_Stream(b"{}"))
+            return httpx.Response(200, headers=JSON_TYPE, content=b"{}")
         return hs(request)
 
-    settings = load_settings(environ={"IGNORE_PROXY_UPSTREAM": "http://hs.test"})
-    app = create_app(settings, transport=httpx.MockTransport(handler))
+    app = build_app(handler)
     async with client_for(app, "alice-token") as alice:
         assert "bob after the ignore" in (await alice.get(MESSAGES)).text  # list loaded
         other = "/_matrix/client/v3/user/%40Alice%3Ahs/account_data/m.ignored_user_list"

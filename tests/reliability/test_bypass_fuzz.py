@@ -20,10 +20,12 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
+from ignore_proxy.app import IgnoreProxyApp
 from ignore_proxy.handlers import FilteredRead, TimestampToEvent
 from ignore_proxy.routes import ROUTES
 
 from ..fake_homeserver import build_app
+from ..servers import stop_served_handlers
 from .universe import ANCHOR, ROOM, Universe, check, events_in, token, uid
 
 FILTERED = [r for r in ROUTES if isinstance(r.handler, FilteredRead)]
@@ -215,12 +217,17 @@ def world() -> Iterator[
         return universe.answer(httpx.Request(request.method, url))
 
     hs.fallback = lenient
-    app = build_app(hs)
+
+    async def assemble() -> IgnoreProxyApp:
+        return build_app(hs)  # its homeserver is served in this loop
+
     loop = asyncio.new_event_loop()
+    app = loop.run_until_complete(assemble())
     client = httpx.AsyncClient(transport=httpx.ASGITransport(app=app), base_url="http://proxy.test")
     figures = {"cases": 0, "refused": 0, "filtered_upstream": 0, "leaks": 0, "wrong_user": 0}
     yield World((loop, universe, client, figures))
     loop.run_until_complete(client.aclose())
+    loop.run_until_complete(stop_served_handlers())
     loop.close()
     print("bypass fuzzing:", figures)
     # Refusing everything would pass the invariant: most spellings must still be served.

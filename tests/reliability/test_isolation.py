@@ -19,7 +19,7 @@ import pytest
 import uvicorn
 
 from ..fake_homeserver import build_app
-from ..servers import free_port, run_proxy
+from ..servers import free_port, handler_app, run_proxy
 from .universe import ROOM, Universe, Verdict, check, events_in, token, uid
 
 ClientFor = Callable[[str], httpx.AsyncClient]
@@ -126,7 +126,8 @@ async def hammer(
 @pytest.mark.slow
 async def test_100_users_in_process() -> None:
     universe = Universe()
-    app = build_app(universe.homeserver)
+    # Every request at once, in one loop with the homeserver: slots wait longer than 10 s.
+    app = build_app(universe.homeserver, timeouts_pool="120")
 
     def client(tok: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -145,7 +146,7 @@ async def test_100_users_in_process() -> None:
 async def test_100_users_through_an_appservice_token() -> None:
     universe = Universe(seed=9)
     universe.homeserver.appservice_token = "as-token"
-    app = build_app(universe.homeserver)
+    app = build_app(universe.homeserver, timeouts_pool="120")
 
     def client(_: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -158,49 +159,10 @@ async def test_100_users_through_an_appservice_token() -> None:
     print("isolation appservice:", figures)
 
 
-class AsgiHomeserver:
-    """The fake homeserver behind a real socket (uvicorn)."""
-
-    def __init__(self, universe: Universe) -> None:
-        self.hs = universe.homeserver
-
-    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
-        if scope["type"] == "lifespan":
-            while True:
-                message = await receive()
-                await send({"type": message["type"] + ".complete"})
-                if message["type"] == "lifespan.shutdown":
-                    return
-        body = b""
-        while True:
-            message = await receive()
-            body += message.get("body", b"")
-            if not message.get("more_body"):
-                break
-        target = scope["raw_path"] + (
-            b"?" + scope["query_string"] if scope["query_string"] else b""
-        )
-        request = httpx.Request(
-            scope["method"],
-            "http://hs.test" + target.decode("latin-1"),
-            headers=scope["headers"],
-            content=body,
-        )
-        response = self.hs.answer(request)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": response.status_code,
-                "headers": [(b"content-type", b"application/json")],
-            }
-        )
-        await send({"type": "http.response.body", "body": response.content})
-
-
 def serve_universe(seed: int, port: int) -> None:
     """The entry point of the upstream process (`python -c`)."""
     config = uvicorn.Config(
-        AsgiHomeserver(Universe(seed=seed)),
+        handler_app(Universe(seed=seed).homeserver, "http://hs.test"),
         host="127.0.0.1",
         port=port,
         log_level="warning",
