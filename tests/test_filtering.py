@@ -127,6 +127,31 @@ async def test_path_variants_are_filtered_or_refused(
         assert not homeserver.requests, "a refused request must not reach the homeserver"
 
 
+async def test_lookups_do_not_wait_for_connections_held_by_forwarded_requests(
+    homeserver: FakeHomeserver,
+) -> None:
+    """As many requests in flight as upstream connections (parked long-polls), each of a
+    token the proxy has not seen: their answers wait for whoami and the list, which must
+    not wait for the connections those answers hold."""
+    arrived: list[httpx.Request] = []
+    all_arrived = asyncio.Event()
+
+    async def held_sync(request: httpx.Request) -> httpx.Response:
+        if request.url.path.endswith("/sync"):
+            arrived.append(request)
+            if len(arrived) == 2:
+                all_arrived.set()
+            await asyncio.wait_for(all_arrived.wait(), 5)
+        return homeserver(request)
+
+    app = build_app(held_sync, limits_max_connections="2", timeouts_pool="2")
+    async with client_for(app, "alice-token") as laptop, client_for(app, "alice-phone") as phone:
+        answers = await asyncio.gather(laptop.get(SYNC), phone.get(SYNC))
+    for response in answers:
+        assert response.status_code == 200, response.text
+        assert timeline(response) == ["$a1", "$b2", "$c1"]
+
+
 async def test_a_list_forgotten_while_the_homeserver_answers_is_read_again(
     homeserver: FakeHomeserver,
 ) -> None:
