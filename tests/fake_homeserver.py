@@ -7,6 +7,7 @@ like Conduit. Real homeservers are the end-to-end tests' (``tests/e2e``).
 
 from __future__ import annotations
 
+import asyncio
 import json
 from collections import Counter
 from collections.abc import Callable
@@ -19,7 +20,7 @@ import httpx
 from ignore_proxy.app import IgnoreProxyApp, create_app
 from ignore_proxy.config import load_settings
 
-from .servers import HandlerResult, serve_handler
+from .servers import HandlerResult, handler_app, serve_handler
 
 ALICE, BOB, CHARLIE, DAVE = "@alice:hs", "@bob:hs", "@charlie:hs", "@dave:hs"
 ROOM = "!room:hs"
@@ -159,3 +160,17 @@ def client_for(app: IgnoreProxyApp, token: str | None = None) -> httpx.AsyncClie
     return httpx.AsyncClient(
         transport=httpx.ASGITransport(app=app), base_url="http://proxy.test", headers=headers
     )
+
+
+def asgi_app(homeserver: FakeHomeserver, *, long_poll_hold: float = 0.0) -> Any:
+    """``homeserver`` as an ASGI app, for a server of its own (``servers.serve_upstream``,
+    another process). A ``/sync`` with ``?timeout=`` waits ``long_poll_hold`` seconds
+    first, like a long-poll with nothing new."""
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        long_poll = request.url.path.endswith("/sync") and b"timeout=" in request.url.query
+        if long_poll and long_poll_hold:
+            await asyncio.sleep(long_poll_hold)
+        return homeserver(request)
+
+    return handler_app(answer, "http://hs.test")

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -13,6 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import httpx
@@ -309,8 +311,12 @@ async def stop_served_handlers() -> None:
 
 @dataclass
 class ProxyProcess:
+    """The proxy's command line running; its log in ``log_path`` when one was given."""
+
     url: str
     process: subprocess.Popen[bytes]
+    log_path: Path | None = None
+    metrics_url: str = ""  # with a metrics listener
 
     def peak_rss_kib(self) -> int:
         with open(f"/proc/{self.process.pid}/status") as status:
@@ -319,42 +325,82 @@ class ProxyProcess:
                     return int(line.split()[1])
         raise RuntimeError("no VmHWM")
 
+    def log_lines(self) -> list[str]:
+        assert self.log_path is not None, "started without a log file"
+        return self.log_path.read_text(encoding="utf-8").splitlines()
+
+    def stop(self) -> int:
+        """SIGTERM, as a supervisor stops it; its exit status."""
+        if self.process.poll() is None:
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+            raise
+
 
 @contextlib.contextmanager
-def run_proxy(upstream: str, env: dict[str, str] | None = None) -> Iterator[ProxyProcess]:
-    """The proxy as operators run it: its command line, served by uvicorn."""
+def run_proxy(
+    upstream: str,
+    env: dict[str, str] | None = None,
+    *,
+    log_path: Path | None = None,
+    metrics: bool = False,
+    **settings: str,
+) -> Iterator[ProxyProcess]:
+    """The proxy as operators run it: ``ignore-proxy --upstream URL --listen HOST:PORT``,
+    served by uvicorn, ready when it answers (and its metrics listener, with ``metrics``).
+
+    Settings come as ``IGNORE_PROXY_*`` variables: ``env`` by name, ``settings`` by key
+    (``logging_level="debug"``); none from the test runner's environment. Output goes to
+    ``log_path`` if given (at the proxy's default level), else to the test's (warnings)."""
     port = free_port()
-    process = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "ignore_proxy",
-            "--upstream",
-            upstream,
-            "--listen",
-            f"127.0.0.1:{port}",
-        ],
-        env={**os.environ, "IGNORE_PROXY_LOGGING_LEVEL": "warning", **(env or {})},
+    environ = {k: v for k, v in os.environ.items() if not k.startswith("IGNORE_PROXY_")}
+    if log_path is None:
+        environ["IGNORE_PROXY_LOGGING_LEVEL"] = "warning"  # the test's output stays readable
+    if metrics:
+        environ["IGNORE_PROXY_METRICS_LISTEN"] = f"127.0.0.1:{free_port()}"
+    environ.update(env or {})
+    environ.update({f"IGNORE_PROXY_{key.upper()}": value for key, value in settings.items()})
+    command = [sys.executable, "-m", "ignore_proxy", "--upstream", upstream,
+               "--listen", f"127.0.0.1:{port}"]  # fmt: skip
+    with contextlib.ExitStack() as output:
+        log = output.enter_context(log_path.open("wb")) if log_path else None
+        process = subprocess.Popen(command, env=environ, stdout=log, stderr=log)
+    metrics_listen = environ.get("IGNORE_PROXY_METRICS_LISTEN")
+    running = ProxyProcess(
+        f"http://127.0.0.1:{port}",
+        process,
+        log_path,
+        f"http://{metrics_listen}" if metrics_listen else "",
     )
-    url = f"http://127.0.0.1:{port}"
     try:
         deadline = time.monotonic() + 20
-        while True:
+        while not _ready(running):
             if process.poll() is not None:
-                raise RuntimeError(f"proxy exited with {process.returncode}")
-            try:
-                if httpx.get(url + "/_ignore_proxy/health/live").status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
+                logged = log_path.read_text() if log_path else ""
+                raise RuntimeError(f"proxy exited with {process.returncode}: {logged}")
             if time.monotonic() > deadline:
                 raise RuntimeError("proxy did not start")
             time.sleep(0.05)
-        yield ProxyProcess(url, process)
+        yield running
     finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait()
+        if process.poll() is None:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait()
+
+
+def _ready(proxy: ProxyProcess) -> bool:
+    urls = [proxy.url + "/_ignore_proxy/health/live"]
+    if proxy.metrics_url:
+        urls.append(proxy.metrics_url + "/metrics")
+    try:
+        return all(httpx.get(url).status_code == 200 for url in urls)
+    except httpx.TransportError:
+        return False

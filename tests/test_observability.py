@@ -4,18 +4,11 @@ separate listener and the proxy's stderr read line by line."""
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import json
 import os
 import re
-import signal
-import subprocess
-import sys
 import threading
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -23,8 +16,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from .fake_homeserver import ALICE, BOB, CHARLIE, ROOM, FakeHomeserver, message, state
-from .servers import Receive, Scope, Send, free_port, serve_upstream
+from .fake_homeserver import ALICE, BOB, CHARLIE, ROOM, FakeHomeserver, asgi_app, message, state
+from .servers import ProxyProcess, run_proxy, serve_upstream
 
 TOKEN = "alice-token"  # a test token, and the secret the logs must never show
 SECRET_BODY = "the-secret-message-body-4f2a"
@@ -32,48 +25,6 @@ SECRET_LIST_ENTRY = "@secretly-ignored:hs"
 SYNC = "/_matrix/client/v3/sync"
 EVENT = "/_matrix/client/v3/rooms/%21room%3Ahs/event/%24b1"
 IGNORE_LIST = "/_matrix/client/v3/user/%40alice%3Ahs/account_data/m.ignored_user_list"
-
-
-class HomeserverOnSocket:
-    """`FakeHomeserver` as an ASGI app, so uvicorn can serve it on a real socket. A sync
-    with `?timeout=` waits `hold` seconds first, like a long-poll with nothing new."""
-
-    def __init__(self, homeserver: FakeHomeserver, hold: float = 0.0) -> None:
-        self.homeserver = homeserver
-        self.hold = hold
-
-    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
-        if scope["type"] != "http":
-            return
-        body = b""
-        while True:
-            received = await receive()
-            body += received.get("body", b"")
-            if not received.get("more_body"):
-                break
-        query = scope["query_string"]
-        if self.hold and scope["path"].endswith("/sync") and b"timeout=" in query:
-            await asyncio.sleep(self.hold)
-        request = httpx.Request(
-            scope["method"],
-            httpx.URL("http://hs.test" + scope["raw_path"].decode() + "?" + query.decode()),
-            headers=scope["headers"],
-            content=body,
-        )
-        answer = self.homeserver.answer(request)
-        await send(
-            {
-                "type": "http.response.start",
-                "status": answer.status_code,
-                "headers": [
-                    (
-                        b"content-type",
-                        answer.headers.get("content-type", "application/json").encode(),
-                    )
-                ],
-            }
-        )
-        await send({"type": "http.response.body", "body": answer.content})
 
 
 def homeserver() -> FakeHomeserver:
@@ -103,63 +54,7 @@ def homeserver() -> FakeHomeserver:
     return hs
 
 
-@dataclass
-class RunningProxy:
-    url: str
-    metrics_url: str
-    process: subprocess.Popen[bytes]
-    log_path: Path
-
-    def stop(self) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            self.process.kill()
-            self.process.wait()
-            raise
-
-    def log_lines(self) -> list[str]:
-        return self.log_path.read_text(encoding="utf-8").splitlines()
-
-
-@contextlib.contextmanager
-def proxy_cli(upstream: str, log_path: Path, **settings: str) -> Iterator[RunningProxy]:
-    """`python -m ignore_proxy` with IGNORE_PROXY_* settings, stderr to `log_path`."""
-    port, metrics_port = free_port(), free_port()
-    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGNORE_PROXY_")}
-    env = {
-        **clean,
-        "IGNORE_PROXY_UPSTREAM": upstream,
-        "IGNORE_PROXY_LISTEN": f"127.0.0.1:{port}",
-        "IGNORE_PROXY_METRICS_LISTEN": f"127.0.0.1:{metrics_port}",
-        **{f"IGNORE_PROXY_{key.upper()}": value for key, value in settings.items()},
-    }
-    with log_path.open("wb") as log:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ignore_proxy"], env=env, stderr=log, stdout=log
-        )
-    running = RunningProxy(
-        f"http://127.0.0.1:{port}", f"http://127.0.0.1:{metrics_port}", process, log_path
-    )
-    try:
-        deadline = time.monotonic() + 20
-        while True:
-            assert process.poll() is None, f"proxy exited: {log_path.read_text()}"
-            with contextlib.suppress(httpx.TransportError):
-                main = httpx.get(running.url + "/_ignore_proxy/health/live")
-                scrape = httpx.get(running.metrics_url + "/metrics")
-                if main.status_code == 200 and scrape.status_code == 200:
-                    break
-            assert time.monotonic() < deadline, "proxy did not start"
-            time.sleep(0.05)
-        yield running
-    finally:
-        running.stop()
-
-
-def scrape(proxy: RunningProxy) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def scrape(proxy: ProxyProcess) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     response = httpx.get(proxy.metrics_url + "/metrics")
     assert response.status_code == 200
     assert response.headers["content-type"].startswith("text/plain")
@@ -176,7 +71,7 @@ def value(
     return samples.get((name, tuple(sorted(labels.items()))), 0.0)
 
 
-def send_traffic(proxy: RunningProxy) -> list[str]:
+def send_traffic(proxy: ProxyProcess) -> list[str]:
     """Requests carrying the token both ways, a message body and an ignore-list write;
     returns the X-Request-IDs sent, one per request."""
     ids: list[str] = []
@@ -214,8 +109,10 @@ def send_traffic(proxy: RunningProxy) -> list[str]:
 @pytest.mark.slow
 def test_metrics_listener_serves_the_series_after_real_traffic(tmp_path: Path) -> None:
     with (
-        serve_upstream(HomeserverOnSocket(homeserver(), hold=1.0)) as upstream,
-        proxy_cli(upstream, tmp_path / "proxy.log", logging_level="warning") as proxy,
+        serve_upstream(asgi_app(homeserver(), long_poll_hold=1.0)) as upstream,
+        run_proxy(
+            upstream, log_path=tmp_path / "proxy.log", metrics=True, logging_level="warning"
+        ) as proxy,
     ):
         sent = len(send_traffic(proxy))
         # A long-poll in flight shows in the gauge while it waits upstream.
@@ -273,7 +170,7 @@ def test_metrics_listener_serves_the_series_after_real_traffic(tmp_path: Path) -
         httpx.get(proxy.metrics_url + "/metrics")
 
 
-def _start_long_poll(proxy: RunningProxy) -> threading.Thread:
+def _start_long_poll(proxy: ProxyProcess) -> threading.Thread:
     def poll() -> None:
         httpx.get(
             f"{proxy.url}{SYNC}?timeout=30000&since=s3",
@@ -298,8 +195,14 @@ def test_logs_at_debug_carry_one_access_line_per_request_and_no_secret(
 ) -> None:
     log_path = tmp_path / "proxy.log"
     with (
-        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
-        proxy_cli(upstream, log_path, logging_level="debug", logging_format=log_format) as proxy,
+        serve_upstream(asgi_app(homeserver())) as upstream,
+        run_proxy(
+            upstream,
+            log_path=log_path,
+            metrics=True,
+            logging_level="debug",
+            logging_format=log_format,
+        ) as proxy,
     ):
         ids = send_traffic(proxy)
         assert proxy.stop() == 0
@@ -352,8 +255,8 @@ def test_a_request_without_an_id_gets_a_fresh_one_and_a_bad_id_is_replaced(
 ) -> None:
     log_path = tmp_path / "proxy.log"
     with (
-        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
-        proxy_cli(upstream, log_path, logging_format="json") as proxy,
+        serve_upstream(asgi_app(homeserver())) as upstream,
+        run_proxy(upstream, log_path=log_path, metrics=True, logging_format="json") as proxy,
     ):
         httpx.get(proxy.url + "/_matrix/client/versions")
         httpx.get(

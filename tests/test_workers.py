@@ -19,15 +19,13 @@ import pytest
 
 from ignore_proxy.workers import Siblings
 
-from .fake_homeserver import ALICE, BOB, CHARLIE
-from .servers import serve_upstream
+from .fake_homeserver import ALICE, BOB, CHARLIE, asgi_app
+from .servers import run_proxy, serve_upstream
 from .test_observability import (
     IGNORE_LIST,
     SYNC,
     TOKEN,
-    HomeserverOnSocket,
     homeserver,
-    proxy_cli,
     scrape,
 )
 
@@ -53,8 +51,14 @@ def sync_on_a_new_connection(url: str) -> str:
 @pytest.mark.slow
 def test_two_workers_serve_and_stop_together(tmp_path: Path) -> None:
     with (
-        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
-        proxy_cli(upstream, tmp_path / "proxy.log", workers="2", logging_level="info") as proxy,
+        serve_upstream(asgi_app(homeserver())) as upstream,
+        run_proxy(
+            upstream,
+            log_path=tmp_path / "proxy.log",
+            metrics=True,
+            workers="2",
+            logging_level="info",
+        ) as proxy,
     ):
         workers = children(proxy.process.pid)
         assert len(workers) == 2
@@ -79,8 +83,8 @@ def test_a_list_changed_through_one_worker_holds_in_all_at_once(tmp_path: Path) 
     hs = homeserver()
     hs.ignore(ALICE)  # nobody ignored yet: bob's messages show
     with (
-        serve_upstream(HomeserverOnSocket(hs)) as upstream,
-        proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
+        serve_upstream(asgi_app(hs)) as upstream,
+        run_proxy(upstream, log_path=tmp_path / "proxy.log", metrics=True, workers="2") as proxy,
     ):
         # Every worker learns the list (nobody ignored) and keeps it for `list_ttl`.
         before = [sync_on_a_new_connection(proxy.url) for _ in range(FRESH_CONNECTIONS)]
@@ -102,8 +106,8 @@ def test_a_list_changed_through_one_worker_holds_in_all_at_once(tmp_path: Path) 
 
 def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(tmp_path: Path) -> None:
     with (
-        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
-        proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
+        serve_upstream(asgi_app(homeserver())) as upstream,
+        run_proxy(upstream, log_path=tmp_path / "proxy.log", metrics=True, workers="2") as proxy,
     ):
         first, second = children(proxy.process.pid)
         os.kill(first, signal.SIGKILL)
@@ -117,8 +121,8 @@ def test_a_worker_that_dies_stops_the_others_and_the_parent_exits_1(tmp_path: Pa
 
 def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
     with (
-        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
-        proxy_cli(upstream, tmp_path / "proxy.log", workers="2") as proxy,
+        serve_upstream(asgi_app(homeserver())) as upstream,
+        run_proxy(upstream, log_path=tmp_path / "proxy.log", metrics=True, workers="2") as proxy,
     ):
         # Ready is one worker answering; the other may still be starting on a busy machine.
         deadline = time.monotonic() + 10

@@ -17,10 +17,14 @@ from dataclasses import dataclass, field
 from typing import Any
 from urllib.parse import parse_qs, unquote
 
+# The same users and events as the in-process tier's homeserver.
+from ..fake_homeserver import ALICE as ALICE
+from ..fake_homeserver import BOB as BOB
+from ..fake_homeserver import CHARLIE as CHARLIE
+from ..fake_homeserver import ROOM as ROOM
+from ..fake_homeserver import message as message
 from ..servers import free_port
 
-ALICE, BOB, CHARLIE = "@alice:hs", "@bob:hs", "@charlie:hs"
-ROOM = "!room:hs"
 SYNC = "/_matrix/client/v3/sync"
 
 
@@ -89,17 +93,6 @@ class Conn:
 
 
 Handler = Callable[[Request, Conn], Awaitable[bool | None]]  # False: close afterwards
-
-
-def message(event_id: str, sender: str, body: str = "hi") -> dict[str, Any]:
-    return {
-        "type": "m.room.message",
-        "event_id": event_id,
-        "sender": sender,
-        "content": {"msgtype": "m.text", "body": body},
-        "origin_server_ts": 1,
-        "room_id": ROOM,
-    }
 
 
 def sync_body(*events: dict[str, Any]) -> dict[str, Any]:

@@ -29,8 +29,6 @@ import json
 import os
 import socket
 import struct
-import subprocess
-import sys
 import time
 import zlib
 from collections.abc import Callable, Iterator, Sequence
@@ -38,12 +36,11 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import cast
 
-import httpx
 import pytest
 
 from ..e2e.harness.nginx import main_conf, nginx_binary
 from ..e2e.harness.procs import ManagedProcess
-from ..servers import free_port
+from ..servers import free_port, run_proxy
 from .harness import (
     ALICE,
     BOB,
@@ -736,37 +733,6 @@ class Setup:
     outcomes: dict[str, tuple[Outcome, Outcome, Outcome | None]] = field(default_factory=dict)
 
 
-def start_ignore_proxy(upstream: str, log: Path) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {
-        **os.environ,
-        "IGNORE_PROXY_LOGGING_LEVEL": "warning",
-        "IGNORE_PROXY_TIMEOUTS_READ": str(READ_TIMEOUT),
-        "IGNORE_PROXY_TIMEOUTS_CONNECT": "1",
-        "IGNORE_PROXY_LIMITS_MAX_REWRITE_BODY": str(MAX_REWRITE_BODY),
-        "IGNORE_PROXY_LIMITS_MAX_HEADER_BYTES": str(MAX_HEADER_BYTES),
-        "IGNORE_PROXY_LIMITS_MAX_KEEPALIVE_CONNECTIONS": str(KEEPALIVE),
-    }
-    with open(log, "wb") as out:
-        process = subprocess.Popen(
-            [sys.executable, "-m", "ignore_proxy", "--upstream", upstream,
-             "--listen", f"127.0.0.1:{port}"],
-            env=env, stdout=out, stderr=subprocess.STDOUT,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 20
-    while True:
-        if process.poll() is not None:
-            raise RuntimeError(f"proxy exited with {process.returncode}: {log.read_text()}")
-        with contextlib.suppress(httpx.TransportError):
-            if httpx.get(url + "/_ignore_proxy/health/live").status_code == 200:
-                return process, url
-        if time.monotonic() > deadline:
-            process.kill()
-            raise RuntimeError("proxy did not start")
-        time.sleep(0.05)
-
-
 NGINX_SITE = """
 upstream standin {{
     server 127.0.0.1:{upstream};
@@ -818,9 +784,18 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
     with contextlib.ExitStack() as stack:
         ours_hs = stack.enter_context(raw_upstream(MiniHomeserver(route=player)))
         log = tmp / "ignore-proxy.log"
-        process, url = start_ignore_proxy(ours_hs.url, log)
-        stack.callback(stop, process)
-        ours = Front("ignore-proxy", url, ours_hs, process.pid, log)
+        proxy = stack.enter_context(
+            run_proxy(
+                ours_hs.url,
+                log_path=log,
+                timeouts_read=str(READ_TIMEOUT),
+                timeouts_connect="1",
+                limits_max_rewrite_body=str(MAX_REWRITE_BODY),
+                limits_max_header_bytes=str(MAX_HEADER_BYTES),
+                limits_max_keepalive_connections=str(KEEPALIVE),
+            )
+        )
+        ours = Front("ignore-proxy", proxy.url, ours_hs, proxy.process.pid, log)
         nginx = None
         if nginx_available():
             nginx_hs = stack.enter_context(raw_upstream(MiniHomeserver(route=player)))
@@ -835,15 +810,6 @@ def setup(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Setup]:
             assert run(ours, MEDIA).status == 200
         time.sleep(0.2)
         yield Setup(player, ours, nginx, rss_kib(ours.pid))
-
-
-def stop(process: subprocess.Popen[bytes]) -> None:
-    process.terminate()
-    try:
-        process.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        process.kill()
-        process.wait()
 
 
 @dataclass

@@ -18,8 +18,8 @@ import httpx
 import pytest
 import uvicorn
 
-from ..fake_homeserver import build_app
-from ..servers import free_port, handler_app, run_proxy
+from ..fake_homeserver import asgi_app, build_app
+from ..servers import free_port, run_proxy
 from .universe import ROOM, Universe, Verdict, check, events_in, token, uid
 
 ClientFor = Callable[[str], httpx.AsyncClient]
@@ -126,8 +126,10 @@ async def hammer(
 @pytest.mark.slow
 async def test_100_users_in_process() -> None:
     universe = Universe()
-    # Every request at once, in one loop with the homeserver: slots wait longer than 10 s.
-    app = build_app(universe.homeserver, timeouts_pool="120")
+    # Every request at once, in one loop with the homeserver: a few hundred connections
+    # (thousands of connects at once overflow its listen queue), and requests wait longer
+    # than the default 10 s for one.
+    app = build_app(universe.homeserver, limits_max_connections="256", timeouts_pool="120")
 
     def client(tok: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -146,7 +148,7 @@ async def test_100_users_in_process() -> None:
 async def test_100_users_through_an_appservice_token() -> None:
     universe = Universe(seed=9)
     universe.homeserver.appservice_token = "as-token"
-    app = build_app(universe.homeserver, timeouts_pool="120")
+    app = build_app(universe.homeserver, limits_max_connections="256", timeouts_pool="120")
 
     def client(_: str) -> httpx.AsyncClient:
         return httpx.AsyncClient(
@@ -162,7 +164,7 @@ async def test_100_users_through_an_appservice_token() -> None:
 def serve_universe(seed: int, port: int) -> None:
     """The entry point of the upstream process (`python -c`)."""
     config = uvicorn.Config(
-        handler_app(Universe(seed=seed).homeserver, "http://hs.test"),
+        asgi_app(Universe(seed=seed).homeserver),
         host="127.0.0.1",
         port=port,
         log_level="warning",

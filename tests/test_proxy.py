@@ -1,5 +1,5 @@
-"""The proxy's rules end to end in one process: a fake homeserver that filters nothing,
-the proxy app, and clients of several users."""
+"""The proxy's rules in one process (`proxy.py` and its handlers): a scripted homeserver
+that filters nothing, the proxy as production assembles it, and clients of several users."""
 
 from __future__ import annotations
 
