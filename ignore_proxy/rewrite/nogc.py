@@ -4,11 +4,12 @@ Split down to its events, a big body is tens of thousands of new dicts and lists
 every 700 of them start a pass of the collector, some of which walk every tracked object
 of the process, the more of them the more requests the proxy holds. The trees the
 rewriters build hold only strings, numbers and raw bytes, so no cycle can form and
-reference counting frees all of them. The collector is paused while any rewriter runs (they may run in several
-threads at once) and resumes when the last one returns, unless something else had
-turned it off. Rewriters that keep overlapping (a busy proxy) never let the count fall to
-zero, and the rest of the process makes cyclic garbage too: a pause ends after
-``MAX_PAUSE`` seconds whatever is running, and the next starts once none is.
+reference counting frees all of them. The collector is paused while any rewriter runs
+(they may run in several threads at once) and resumes when the last one returns, unless
+something else had turned it off. Rewriters that keep overlapping (a busy proxy) never
+let the count fall to zero, and the rest of the process makes cyclic garbage too: a
+pause ends after ``MAX_PAUSE`` seconds whatever is running, and the next starts once
+none is.
 """
 
 from __future__ import annotations
