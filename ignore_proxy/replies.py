@@ -13,6 +13,7 @@ from typing import Any
 import msgspec
 from starlette.types import Send
 
+from .logs import log_upstream_failure
 from .pool import PoolFull, TimedOut, UpstreamError
 from .upstream import BODY_HEADERS, UpstreamResponse, forwardable
 
@@ -80,9 +81,10 @@ class Json:
 Reply = Relay | Rewritten | Json | MatrixError
 
 
-def upstream_failure(exc: UpstreamError) -> MatrixError:
+def upstream_failure(exc: UpstreamError, route: str, request_id: str) -> MatrixError:
     """What the client is told when the homeserver cannot be asked or did not answer:
-    the one place the pool's failures become Matrix errors."""
+    the one place the pool's failures become Matrix errors, and are logged."""
+    log_upstream_failure(exc.cause, str(exc), route, request_id)
     if isinstance(exc, PoolFull):
         return MatrixError(503, "M_UNKNOWN", "Too many requests to the homeserver in flight",
                            headers=((b"retry-after", b"1"),))  # fmt: skip
