@@ -70,9 +70,10 @@ def log_start(settings: Settings) -> None:
     effective = msgspec.to_builtins(settings)
     effective["upstream"] = upstream
     others = " ".join(
-        f"{section}.{key}={value}"
+        # As TOML writes them, so a line can be compared with the config file.
+        f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
         for section, table in effective.items()
-        if isinstance(table, dict)
+        if isinstance(table, dict) and section != "metrics"  # named before
         for key, value in table.items()
     )
     start_log.info(

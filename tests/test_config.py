@@ -110,7 +110,7 @@ def test_a_misspelled_variable_is_refused_naming_the_real_one() -> None:
         "unknown environment variable IGNORE_PROXY_IGNORE_REJECT_INVITE; "
         "did you mean IGNORE_PROXY_IGNORE_REJECT_INVITES?"
     )
-    with pytest.raises(ConfigError, match="IGNORE_PROXY_NOTHING_LIKE_IT$"):
+    with pytest.raises(ConfigError, match=r"IGNORE_PROXY_NOTHING_LIKE_IT$"):
         load_settings(environ={"IGNORE_PROXY_NOTHING_LIKE_IT": "1"})
     # Variables of other programs are none of its business.
     assert load_settings(environ={"IGNORE_PROXYX": "1", "PROXY_IGNORE": "1"}) == Settings()

@@ -137,5 +137,5 @@ def test_the_start_line_names_what_is_served_without_secrets(tmp_path: Path) -> 
     (line,) = [line for line in log_path.read_text().splitlines() if "ignore_proxy.start" in line]
     assert f"upstream {upstream}, listen {proxy.url.removeprefix('http://')}, workers 1" in line
     assert f"metrics {proxy.metrics_url.removeprefix('http://')}" in line
-    assert "ignore.reject_invites=True" in line and "timeouts.read=60.0" in line
+    assert "ignore.reject_invites=true" in line and "timeouts.read=60.0" in line
     assert "hunter2" not in line and "operator" not in line
