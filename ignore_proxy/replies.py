@@ -6,7 +6,6 @@ writes it to the client. Nothing else in the request path writes to ASGI `send`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
@@ -27,8 +26,6 @@ __all__ = [
     "send_reply",
     "upstream_failure",
 ]
-
-log = logging.getLogger(__name__)
 
 
 def error_body(errcode: str, error: str, **extra: Any) -> bytes:
@@ -142,7 +139,9 @@ async def _stream(send: Send, response: UpstreamResponse) -> None:
     except UpstreamError as exc:
         # The status line is gone already: all that is left is to cut the connection, so
         # the client sees a truncated answer rather than a complete-looking one.
-        log.warning("upstream failed mid-body: %s", type(exc).__name__)
+        # Said like every upstream failure (and limited like them); the route class and
+        # request id are the access line's, which follows.
+        log_upstream_failure(exc.cause, f"the answer was cut off: {exc}", "relayed", "-")
         return
     if more:
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -139,3 +139,16 @@ def test_the_start_line_names_what_is_served_without_secrets(tmp_path: Path) -> 
     assert f"metrics {proxy.metrics_url.removeprefix('http://')}" in line
     assert "ignore.reject_invites=true" in line and "timeouts.read=60.0" in line
     assert "hunter2" not in line and "operator" not in line
+
+
+def test_an_answer_cut_off_while_relayed_is_one_warning_too(tmp_path: Path) -> None:
+    cut = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
+    log_path = tmp_path / "proxy.log"
+    with raw_upstream(cut) as upstream, proxy_cli(upstream, log_path) as proxy:
+        for _ in range(2):
+            with pytest.raises(httpx.TransportError):  # cut off for the client too
+                httpx.get(proxy.url + "/_matrix/client/v3/pushrules/", timeout=10)
+        proxy.stop()
+    (warning,) = warnings_of(log_path.read_text())
+    assert "upstream bad answer: the answer was cut off: " in warning, warning
+    assert warning.endswith("; route relayed id=-"), warning
