@@ -56,9 +56,10 @@ def bind(key: str, address: str, *, reuse_port: bool = False) -> socket.socket:
 #
 # The image's HEALTHCHECK runs `ignore-proxy healthcheck` with the container's environment
 # but not the server's flags: `serve --listen 0.0.0.0:9000` would leave it checking the
-# configured 8010. So a server whose flag moved it writes where it really listens into a
-# note named after the address it was configured with, which the healthcheck (seeing the
-# same configuration) finds.
+# configured 8010. So a server whose flag moved it writes where it really listens (and its
+# pid) into a note named after the address it was configured with, which the healthcheck
+# (seeing the same configuration) finds; a note whose server is gone (killed before it
+# could remove it) is ignored.
 
 
 def _note_path(configured: str) -> Path:
@@ -73,7 +74,7 @@ def note_listen(configured: str, actual: str) -> Path | None:
     path = _note_path(configured)
     try:
         temporary = path.with_suffix(f".{os.getpid()}")
-        temporary.write_text(actual + "\n")
+        temporary.write_text(f"{actual} {os.getpid()}\n")
         temporary.replace(path)
     except OSError:
         return None  # no writable temp dir: the healthcheck checks the configured address
@@ -85,14 +86,17 @@ def forget_listen(path: Path | None, actual: str) -> None:
     if path is None:
         return
     with contextlib.suppress(OSError):
-        if path.read_text().strip() == actual:
+        if path.read_text().split() == [actual, str(os.getpid())]:
             path.unlink()
 
 
 def noted_listen(configured: str) -> str | None:
-    with contextlib.suppress(OSError):
-        return _note_path(configured).read_text().strip() or None
-    return None
+    """Where the server moved from `configured` listens, if it still runs."""
+    try:
+        address, pid = _note_path(configured).read_text().split()
+    except (OSError, ValueError):
+        return None
+    return address if pid.isdigit() and _alive(int(pid)) else None
 
 
 # -- the metrics directories of `--workers` ---------------------------------------------------

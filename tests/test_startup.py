@@ -97,3 +97,18 @@ def test_a_killed_parent_s_directory_goes_at_the_next_start(tmp_path: Path) -> N
             second.terminate()
             assert second.wait(timeout=15) == 0
         assert metrics_dirs() == []
+
+
+def test_a_note_of_a_server_that_is_gone_is_ignored(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path))
+    note = startup.note_listen("127.0.0.1:8010", "127.0.0.1:9000")
+    assert note is not None
+    assert startup.noted_listen("127.0.0.1:8010") == "127.0.0.1:9000"
+    assert startup.noted_listen("127.0.0.1:8011") is None  # another configuration's
+    note.write_text(f"127.0.0.1:9000 {dead_pid()}\n")  # killed before it could remove it
+    assert startup.noted_listen("127.0.0.1:8010") is None
+    startup.forget_listen(note, "127.0.0.1:9000")
+    assert note.exists(), "not this server's note: left alone"
+    assert startup.note_listen("127.0.0.1:8010", "127.0.0.1:8010") is None  # not moved
