@@ -14,8 +14,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from ignore_proxy.routes import ROUTES
 
-from .servers import serve_upstream
-from .test_observability import SYNC, TOKEN, HomeserverOnSocket, homeserver, proxy_cli
+from .fake_homeserver import asgi_app
+from .servers import run_proxy, serve_upstream
+from .test_observability import SYNC, TOKEN, homeserver
 
 DASHBOARD = Path(__file__).parent.parent / "config" / "grafana" / "ignore-proxy.json"
 # PromQL words and Grafana's variables: not series or labels.
@@ -29,11 +30,11 @@ def queries() -> list[str]:
     return found
 
 
-def served_series(tmp_path: Path) -> dict[str, set[str]]:
+def served_series() -> dict[str, set[str]]:
     """Each sample name the proxy serves, with its label names."""
     with (
-        serve_upstream(HomeserverOnSocket(homeserver())) as upstream,
-        proxy_cli(upstream, tmp_path / "proxy.log") as proxy,
+        serve_upstream(asgi_app(homeserver())) as upstream,
+        run_proxy(upstream, metrics=True) as proxy,
     ):
         for _ in range(2):  # the second finds the caches warm
             answer = httpx.get(proxy.url + SYNC, headers={"Authorization": f"Bearer {TOKEN}"})
@@ -46,8 +47,8 @@ def served_series(tmp_path: Path) -> dict[str, set[str]]:
     return series
 
 
-def test_every_query_asks_for_what_the_proxy_serves(tmp_path: Path) -> None:
-    series = served_series(tmp_path)
+def test_every_query_asks_for_what_the_proxy_serves() -> None:
+    series = served_series()
     route_classes = {route.name for route in ROUTES} | {"passthrough"}
     for expr in queries():
         names = set(re.findall(r"\b(ignore_proxy_[a-z_]+)\b", expr))

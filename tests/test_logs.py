@@ -17,8 +17,7 @@ import trustme
 
 from ignore_proxy.logs import _RateLimit
 
-from .servers import Upstream, free_port, serve_upstream
-from .test_observability import proxy_cli
+from .servers import Upstream, free_port, run_proxy, serve_upstream
 
 TOKEN = "syt_never_in_a_log_line"
 VERSIONS = "/_matrix/client/versions"
@@ -98,7 +97,7 @@ def test_each_upstream_failure_is_one_warning_naming_its_cause(
     log_path = tmp_path / "proxy.log"
     with (
         failing_upstream(cause, tmp_path) as upstream,
-        proxy_cli(upstream, log_path, timeouts_read="0.5", timeouts_connect="2") as proxy,
+        run_proxy(upstream, log_path=log_path, timeouts_read="0.5", timeouts_connect="2") as proxy,
     ):
         for attempt in range(3):
             response = httpx.get(
@@ -132,7 +131,9 @@ def test_the_start_line_names_what_is_served_without_secrets(tmp_path: Path) -> 
     log_path = tmp_path / "proxy.log"
     with serve_upstream(Upstream()) as upstream:
         with_password = upstream.replace("http://", "http://operator:hunter2@")
-        with proxy_cli(with_password, log_path, ignore_reject_invites="yes") as proxy:
+        with run_proxy(
+            with_password, log_path=log_path, metrics=True, ignore_reject_invites="yes"
+        ) as proxy:
             proxy.stop()
     (line,) = [line for line in log_path.read_text().splitlines() if "ignore_proxy.start" in line]
     assert f"upstream {upstream}, listen {proxy.url.removeprefix('http://')}, workers 1" in line
@@ -144,7 +145,7 @@ def test_the_start_line_names_what_is_served_without_secrets(tmp_path: Path) -> 
 def test_an_answer_cut_off_while_relayed_is_one_warning_too(tmp_path: Path) -> None:
     cut = b"HTTP/1.1 200 OK\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
     log_path = tmp_path / "proxy.log"
-    with raw_upstream(cut) as upstream, proxy_cli(upstream, log_path) as proxy:
+    with raw_upstream(cut) as upstream, run_proxy(upstream, log_path=log_path) as proxy:
         for _ in range(2):
             with pytest.raises(httpx.TransportError):  # cut off for the client too
                 httpx.get(proxy.url + "/_matrix/client/v3/pushrules/", timeout=10)
