@@ -15,7 +15,7 @@
 
 FROM python:3.12-slim-bookworm AS build
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY pyproject.toml README.md LICENSE ./
 COPY ignore_proxy ./ignore_proxy
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
@@ -34,12 +34,15 @@ EXPOSE 8010
 # The Prometheus listener is off unless IGNORE_PROXY_METRICS_LISTEN is set (e.g.
 # 0.0.0.0:9010); publish that port only to your monitoring network, never through nginx.
 
-# No shell, no home, no files of its own: a fixed uid that is not root.
+# A fixed uid that is not root, with no home and no files of its own. (The base image's
+# shell stays; nothing here needs it.)
 USER 10010:10010
 WORKDIR /
 
 STOPSIGNAL SIGTERM
-# Slim images have no curl: the program checks itself (GET /_ignore_proxy/health/live).
+# Slim images have no curl: the program checks itself (GET /_ignore_proxy/health/live,
+# ignoring proxy variables; exit 0 or 1, never Docker's reserved 2). `serve --listen` in
+# `docker run` moves the check along: the server notes its address in /tmp.
 HEALTHCHECK --interval=30s --timeout=10s --start-period=10s --retries=3 \
     CMD ["ignore-proxy", "healthcheck"]
 ENTRYPOINT ["ignore-proxy"]

@@ -20,6 +20,7 @@ from .answer_body import BodyTooLarge, UnreadableBody, check_utf8_json, read_bod
 from .config import Settings
 from .identity import Credentials, IdentityResolver, IdentityUnavailable
 from .ignore_lists import IgnoreListStore, IgnoreListUnavailable
+from .logs import request_id_of
 from .metrics import PASSTHROUGH, Metrics
 from .pool import RawHeaders, UpstreamError
 from .replies import Json, MatrixError, error_body, upstream_failure
@@ -66,6 +67,8 @@ class Exchange:
     client_gone: bool = False
     route: str = PASSTHROUGH  # the route class, for logs and metrics
     status: int = 0
+    # Made only when a line other than the access line needs it, which then shows the same.
+    request_id: str | None = None
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -265,7 +268,12 @@ class Services:
     # -- reading and rewriting answers ----------------------------------------------------
 
     async def read_answer(
-        self, response: UpstreamResponse, limit: int | None = None, *, empty_ok: bool = False
+        self,
+        call: Call,
+        response: UpstreamResponse,
+        limit: int | None = None,
+        *,
+        empty_ok: bool = False,
     ) -> bytes:
         """The whole answer, decoded, if it is a UTF-8 JSON object of at most `limit`
         bytes (or, `empty_ok`, nothing at all); else a 502: the proxy never passes what
@@ -285,7 +293,9 @@ class Services:
         except BodyTooLarge:
             raise MatrixError(502, "M_UNKNOWN", _TOO_LARGE) from None
         except UpstreamError as exc:
-            raise upstream_failure(exc) from None
+            exchange = call.exchange
+            exchange.request_id = exchange.request_id or request_id_of(call.headers)
+            raise upstream_failure(exc, exchange.route, exchange.request_id) from None
         return body
 
     async def rewrite_answer(

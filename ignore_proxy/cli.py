@@ -1,5 +1,7 @@
 """The command line: `ignore-proxy [serve] --upstream URL --listen HOST:PORT [--config FILE]`,
-`ignore-proxy check-config` and `ignore-proxy healthcheck` (exit 0 or 1, for Docker)."""
+`ignore-proxy check-config` and `ignore-proxy healthcheck` (exit 0 or 1, for Docker).
+
+Each failure is one line on stderr and one exit status (`startup.EXIT_*`)."""
 
 from __future__ import annotations
 
@@ -10,7 +12,24 @@ import urllib.request
 from collections.abc import Sequence
 
 from . import __version__
-from .config import ENV_PREFIX, ConfigError, Settings, load_settings
+from .config import (
+    DEFAULT_LISTEN,
+    ENV_PREFIX,
+    ConfigError,
+    Settings,
+    load_settings,
+    parse_host_port,
+)
+from .startup import (
+    EXIT_CANNOT_START,
+    EXIT_CONFIG,
+    EXIT_FAILED,
+    EXIT_OK,
+    CannotStart,
+    forget_listen,
+    note_listen,
+    noted_listen,
+)
 
 COMMANDS = ("serve", "check-config", "healthcheck")
 
@@ -32,6 +51,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    """The exit status of a command: `startup.EXIT_*` (README "Exit statuses")."""
     args = _parser().parse_args(argv)
     try:
         settings = load_settings(
@@ -40,32 +60,63 @@ def main(argv: Sequence[str] | None = None) -> int:
         )
     except ConfigError as exc:
         print(f"ignore-proxy: {exc}", file=sys.stderr)
-        return 2
+        # Docker reserves a healthcheck's 2: a proxy nobody can check is not healthy.
+        return EXIT_FAILED if args.command == "healthcheck" else EXIT_CONFIG
     if args.command == "check-config":
         print(f"ignore-proxy: config OK (upstream {settings.upstream}, listen {settings.listen})")
-        return 0
+        return EXIT_OK
     if args.command == "healthcheck":
-        return healthcheck(settings)
-    if settings.workers > 1:
-        from .workers import serve_workers
+        return healthcheck(settings, listen_given=args.listen is not None)
+    note = note_listen(_configured_listen(args.config), settings.listen) if args.listen else None
+    try:
+        if settings.workers > 1:
+            from .workers import serve_workers
 
-        return serve_workers(settings)
-    from .server import serve  # uvicorn is imported only to serve
+            return serve_workers(settings)
+        from .server import serve  # uvicorn is imported only to serve
 
-    serve(settings)
-    return 0
+        serve(settings)
+    except CannotStart as exc:
+        print(f"ignore-proxy: {exc}", file=sys.stderr)
+        return EXIT_CANNOT_START
+    finally:
+        forget_listen(note, settings.listen)
+    return EXIT_OK
 
 
-def healthcheck(settings: Settings) -> int:
-    host, port = settings.listen_address
+def _configured_listen(config_file: str | None) -> str:
+    """The address the configuration alone gives, which is what `healthcheck` sees."""
+    try:
+        return load_settings(config_file).listen
+    except ConfigError:  # only a flag made the configuration valid
+        return DEFAULT_LISTEN
+
+
+def healthcheck(settings: Settings, *, listen_given: bool = False) -> int:
+    """0 if the proxy answers its liveness endpoint, else 1: where `--listen` says, else
+    where a server moved there by its flag noted it listens, else the configured address.
+    Proxy variables (`http_proxy`, ...) are ignored: the proxy is on this host."""
+    listen = settings.listen
+    if not listen_given:
+        listen = noted_listen(settings.listen) or listen
+    try:
+        host, port = parse_host_port(listen)
+    except ValueError:
+        print(
+            f"ignore-proxy: healthcheck: bad address in the listen note: {listen!r}",
+            file=sys.stderr,
+        )
+        return EXIT_FAILED
     if host in ("0.0.0.0", "::", ""):
         host = "127.0.0.1" if host != "::" else "::1"
     if ":" in host:
         host = f"[{host}]"
     url = f"http://{host}:{port}/_ignore_proxy/health/live"
+    opener = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     try:
-        with urllib.request.urlopen(url, timeout=5) as response:
-            return 0 if response.status == 200 else 1
-    except (urllib.error.URLError, OSError) as exc:
-        print(f"ignore-proxy: healthcheck failed: {exc}", file=sys.stderr)
-        return 1
+        with opener.open(url, timeout=5) as response:
+            healthy = response.status == 200
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        print(f"ignore-proxy: healthcheck failed: {url}: {exc}", file=sys.stderr)
+        return EXIT_FAILED
+    return EXIT_OK if healthy else EXIT_FAILED

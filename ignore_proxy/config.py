@@ -1,22 +1,28 @@
 """Settings: a TOML file, then `IGNORE_PROXY_*` environment variables, then flags.
 
 Everything is validated once at start into frozen objects; a bad value raises
-`ConfigError` with one line naming the key, which the CLI prints before exiting 2.
+`ConfigError` with one line naming the key and its environment variable (and, for a
+choice, what is accepted), which the CLI prints before exiting 2. An unknown key or
+`IGNORE_PROXY_*` variable is an error too, naming the closest real one: a misspelled
+setting silently left at its default is a setting the operator believes is in force.
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
 import os
+import re
 import tomllib
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import Annotated, Any, Literal, get_args, get_origin
 from urllib.parse import urlsplit
 
 import msgspec
 
 ENV_PREFIX = "IGNORE_PROXY_"
+CONFIG_ENV = ENV_PREFIX + "CONFIG"
 DEFAULT_UPSTREAM = "http://127.0.0.1:8008"
 DEFAULT_LISTEN = "127.0.0.1:8010"
 
@@ -134,6 +140,11 @@ def all_keys() -> list[tuple[str, ...]]:
     return keys
 
 
+def environment_names() -> frozenset[str]:
+    """Every `IGNORE_PROXY_*` variable the program reads."""
+    return frozenset([CONFIG_ENV, *(env_name(*key) for key in all_keys())])
+
+
 def parse_host_port(value: str) -> tuple[str, int]:
     host, sep, port_text = value.rpartition(":")
     if not sep or not host or not port_text.isdigit():
@@ -154,7 +165,8 @@ def load_settings(
 ) -> Settings:
     """Merge file < environment < `overrides` (flags, dotted keys) and validate."""
     environ = os.environ if environ is None else environ
-    config_file = config_file or environ.get(ENV_PREFIX + "CONFIG") or None
+    _check_environment(environ)
+    config_file = config_file or environ.get(CONFIG_ENV) or None
     merged: dict[str, Any] = _read_toml(config_file) if config_file else {}
     for key in all_keys():
         value = environ.get(env_name(*key))
@@ -163,12 +175,90 @@ def load_settings(
     for dotted, value in (overrides or {}).items():
         if value is not None:
             _put(merged, tuple(dotted.split(".")), value)
+    _check_known_keys(merged)
+    _read_choices(merged)
     try:
         settings = msgspec.convert(merged, Settings, strict=False)
     except msgspec.ValidationError as exc:
-        raise ConfigError(_describe(exc)) from None
+        raise ConfigError(_describe(exc, merged)) from None
     _check_semantics(settings)
     return settings
+
+
+def _key_text(key: tuple[str, ...]) -> str:
+    """How errors name a key: `config key ignore.errcode (IGNORE_PROXY_IGNORE_ERRCODE)`."""
+    return f"config key {'.'.join(key)} ({env_name(*key)})"
+
+
+def _closest(name: str, known: Iterable[str], prefix: str = "") -> str:
+    """ "; did you mean X?" for the known name closest to `name`, if one is close."""
+    close = difflib.get_close_matches(name, sorted(known), n=1, cutoff=0.6)
+    return f"; did you mean {prefix}{close[0]}?" if close else ""
+
+
+def _check_environment(environ: Mapping[str, str]) -> None:
+    known = environment_names()
+    for name in sorted(environ):
+        if name.startswith(ENV_PREFIX) and name not in known:
+            # Compared without the prefix every candidate shares, which would make anything
+            # look close.
+            suffixes = {known_name.removeprefix(ENV_PREFIX) for known_name in known}
+            close = _closest(name.removeprefix(ENV_PREFIX), suffixes, prefix=ENV_PREFIX)
+            raise ConfigError(f"unknown environment variable {name}{close}")
+
+
+def _check_known_keys(merged: Mapping[str, Any]) -> None:
+    """Unknown keys and tables, named in full with the closest real one."""
+    known = {".".join(key) for key in all_keys()}
+    for name, value in merged.items():
+        if name in SECTIONS:
+            if not isinstance(value, dict):
+                raise ConfigError(f"config table [{name}]: expected a table of keys")
+            for field in value:
+                dotted = f"{name}.{field}"
+                if dotted not in known:
+                    raise ConfigError(f"unknown config key {dotted}{_closest(dotted, known)}")
+        elif name not in known:
+            top = {key[0] for key in all_keys()}
+            raise ConfigError(f"unknown config key {name}{_closest(name, top)}")
+
+
+_TRUE = frozenset({"true", "yes", "on", "1"})
+_FALSE = frozenset({"false", "no", "off", "0"})
+
+
+def _read_choices(merged: dict[str, Any]) -> None:
+    """Booleans in their usual spellings, choices in any letter case; anything else names
+    what is accepted. Types come from the structs, so a new setting needs nothing here."""
+    for key in all_keys():
+        table = merged
+        for part in key[:-1]:
+            table = table.get(part, {})
+        if key[-1] not in table:
+            continue
+        value = table[key[-1]]
+        kind = _field_type(key)
+        if kind is bool and isinstance(value, str):
+            word = value.strip().lower()
+            if word not in _TRUE | _FALSE:
+                raise ConfigError(
+                    f"{_key_text(key)}: expected true or false "
+                    f"(also yes/no, on/off, 1/0), got {value!r}"
+                )
+            table[key[-1]] = word in _TRUE
+        elif get_origin(kind) is Literal:
+            choices: tuple[str, ...] = get_args(kind)
+            found = [c for c in choices if isinstance(value, str) and c.lower() == value.lower()]
+            if not found:
+                raise ConfigError(
+                    f"{_key_text(key)}: expected one of {', '.join(choices)}, got {value!r}"
+                )
+            table[key[-1]] = found[0]
+
+
+def _field_type(key: tuple[str, ...]) -> Any:
+    struct: type[msgspec.Struct] = SECTIONS[key[0]] if len(key) == 2 else Settings
+    return next(f.type for f in msgspec.structs.fields(struct) if f.name == key[-1])
 
 
 def _read_toml(path: str) -> dict[str, Any]:
@@ -184,18 +274,23 @@ def _put(tree: dict[str, Any], key: tuple[str, ...], value: str) -> None:
     for part in key[:-1]:
         child = tree.setdefault(part, {})
         if not isinstance(child, dict):
-            raise ConfigError(f"{part}: expected a table")
+            raise ConfigError(f"config table [{part}]: expected a table of keys")
         tree = child
     tree[key[-1]] = value
 
 
-def _describe(exc: msgspec.ValidationError) -> str:
+def _describe(exc: msgspec.ValidationError, merged: Mapping[str, Any]) -> str:
     message = str(exc)
     text, _, path = message.rpartition(" - at `$.")
     if not path:
         return f"config: {message}"
-    key = path.rstrip("`")
-    return f"config key {key} ({env_name(*key.split('.'))}): {text}"
+    key = tuple(path.rstrip("`").split("."))
+    value: Any = merged
+    for part in key:
+        value = value.get(part) if isinstance(value, Mapping) else None
+    # msgspec's "Expected `int`, got `str`" names the type; the operator wants the value.
+    expected = re.sub(r", got `[^`]*`$", "", text)
+    return f"{_key_text(key)}: {expected[:1].lower()}{expected[1:]}, got {value!r}"
 
 
 def _check_semantics(settings: Settings) -> None:
@@ -210,12 +305,29 @@ def _check_semantics(settings: Settings) -> None:
             f"config key upstream ({env_name('upstream')}): must be scheme://host[:port] "
             "with no path, query or fragment"
         )
-    for key, value in (("listen", settings.listen), ("metrics.listen", settings.metrics.listen)):
-        if key == "metrics.listen" and not value:
+    for key, value in (
+        (("listen",), settings.listen),
+        (("metrics", "listen"), settings.metrics.listen),
+    ):
+        if key == ("metrics", "listen") and not value:
             continue
         try:
             parse_host_port(value)
         except ValueError as exc:
-            raise ConfigError(
-                f"config key {key} ({env_name(*key.split('.'))}): {exc}, got {value!r}"
-            ) from None
+            raise ConfigError(f"{_key_text(key)}: {exc}, got {value!r}") from None
+    if settings.metrics.listen and _same_address(settings.listen, settings.metrics.listen):
+        raise ConfigError(
+            f"{_key_text(('metrics', 'listen'))}: {settings.metrics.listen!r} takes the port "
+            f"the proxy serves on (listen is {settings.listen!r}); give the metrics their own"
+        )
+
+
+_ANY_HOST = frozenset({"0.0.0.0", "::", ""})
+_LOOPBACK_NAMES = {"localhost": "127.0.0.1"}
+
+
+def _same_address(first: str, second: str) -> bool:
+    """Whether two listen addresses would take the same port (a wildcard takes it on all)."""
+    (host_a, port_a), (host_b, port_b) = parse_host_port(first), parse_host_port(second)
+    host_a, host_b = _LOOPBACK_NAMES.get(host_a, host_a), _LOOPBACK_NAMES.get(host_b, host_b)
+    return port_a == port_b and (host_a == host_b or bool({host_a, host_b} & _ANY_HOST))

@@ -81,7 +81,7 @@ class Versions(Handler):
     async def respond(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
         if response.status_code != 200:
             return Relay(response)
-        body = await svc.read_answer(response)
+        body = await svc.read_answer(call, response)
         with contextlib.suppress(rewrite.InvalidBody):
             body = rewrite.add_msc4406_feature(body)
         return Rewritten(response, body)
@@ -198,7 +198,7 @@ class FilteredRead(Handler):
             return hidden
         if self.account_data is None and not ignored and call.event_fields is None:
             return Relay(response)  # nobody ignored: stream it, never parse it
-        body = await svc.read_answer(response)
+        body = await svc.read_answer(call, response)
         if self.account_data is not None and rewrite.mentions_any(body, _IGNORE_LIST_TYPE):
             with contextlib.suppress(rewrite.InvalidBody):
                 seen = self.account_data(body)
@@ -211,7 +211,7 @@ class FilteredRead(Handler):
         return await self.answer(svc, call, response, body, user_id, ignored)
 
     async def respond_error(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
-        body = await svc.read_answer(response, _ERROR_BODY_LIMIT, empty_ok=True)
+        body = await svc.read_answer(call, response, _ERROR_BODY_LIMIT, empty_ok=True)
         return await self.judged_error(svc, call, response, body)
 
     async def judged_error(
@@ -296,7 +296,7 @@ class SingleEvent(FilteredRead):
     homeserver's own "sender ignored" error is normalised to the same shape."""
 
     async def respond_error(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
-        body = await svc.read_answer(response, _ERROR_BODY_LIMIT, empty_ok=True)
+        body = await svc.read_answer(call, response, _ERROR_BODY_LIMIT, empty_ok=True)
         own_answer = rewrite.normalise_sender_ignored(response.status_code, body)
         if own_answer is None:
             return await self.judged_error(svc, call, response, body)

@@ -1,8 +1,11 @@
-"""Logging: plain text or JSON lines, one access line per request, never a secret.
+"""Logging: plain text or JSON lines, one access line per request the proxy forwards (its
+own health endpoints have none), a line at start, a warning per upstream failure (at most
+one a few seconds per cause), never a secret.
 
-Nothing here ever sees a token, an Authorization header, a query string or a body: the
-access line is built from the method, the route class, the status, the duration and the
-request id only.
+Nothing here ever sees a token, an Authorization header, a path, a query string or a
+body: the access line is built from the method, the route class, the status, the
+duration and the request id only; the upstream failure line from the failure's cause,
+the route class and the request id.
 """
 
 from __future__ import annotations
@@ -14,12 +17,18 @@ import os
 import sys
 import time
 from typing import TextIO
+from urllib.parse import urlsplit
 
 import msgspec
 
+from . import __version__
 from .config import Settings
 
 access_log = logging.getLogger("ignore_proxy.access")
+start_log = logging.getLogger("ignore_proxy.start")
+upstream_log = logging.getLogger("ignore_proxy.upstream")
+# One warning per cause in this many seconds; the next one counts those left out.
+UPSTREAM_WARNING_INTERVAL = 10.0
 
 
 class JsonFormatter(logging.Formatter):
@@ -53,12 +62,76 @@ def configure(settings: Settings) -> None:
         logging.getLogger(noisy).setLevel(logging.WARNING)
 
 
+def log_start(settings: Settings) -> None:
+    """What the proxy serves and with which settings: the line to read when it misbehaves."""
+    url = urlsplit(settings.upstream)
+    # A URL's user:password is the one secret a setting could hold.
+    upstream = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
+    effective = msgspec.to_builtins(settings)
+    effective["upstream"] = upstream
+    others = " ".join(
+        # As TOML writes them, so a line can be compared with the config file.
+        f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
+        for section, table in effective.items()
+        if isinstance(table, dict) and section != "metrics"  # named before
+        for key, value in table.items()
+    )
+    start_log.info(
+        "ignore-proxy %s: upstream %s, listen %s, workers %d, metrics %s; %s",
+        __version__, upstream, settings.listen, settings.workers,
+        settings.metrics.listen or "off", others,
+        extra={"fields": {"version": __version__, "settings": effective}},
+    )  # fmt: skip
+
+
+class _RateLimit:
+    """At most one line per key in `interval` seconds, and how many were left out."""
+
+    def __init__(self, interval: float) -> None:
+        self.interval = interval
+        self._last: dict[str, float] = {}
+        self._left_out: dict[str, int] = {}
+
+    def admit(self, key: str) -> int | None:
+        """None to leave this line out, else how many were left out before it."""
+        now = time.monotonic()
+        last = self._last.get(key)
+        if last is not None and now - last < self.interval:
+            self._left_out[key] = self._left_out.get(key, 0) + 1
+            return None
+        self._last[key] = now
+        return self._left_out.pop(key, 0)
+
+
+_upstream_limit = _RateLimit(UPSTREAM_WARNING_INTERVAL)
+
+
+def log_upstream_failure(cause: str, detail: str, route: str, request_id: str) -> None:
+    """One warning for a request the homeserver failed: the cause in a word (`refused`,
+    `dns`, `tls`, `timeout`, `bad answer`, ...), what happened, the route class and the
+    request id; never the path (the pool's messages name none)."""
+    left_out = _upstream_limit.admit(cause)
+    if left_out is None:
+        return
+    more = f" ({left_out} more like it left out)" if left_out else ""
+    upstream_log.warning(
+        "upstream %s: %s; route %s id=%s%s", cause, detail, route, request_id, more,
+        extra={"fields": {"cause": cause, "detail": detail, "route": route,
+                          "request_id": request_id, "left_out": left_out}},
+    )  # fmt: skip
+
+
 def log_request(
-    method: str, route: str, status: int | str, seconds: float, headers: list[tuple[bytes, bytes]]
+    method: str,
+    route: str,
+    status: int | str,
+    seconds: float,
+    headers: list[tuple[bytes, bytes]],
+    request_id: str | None = None,
 ) -> None:
     if not access_log.isEnabledFor(logging.INFO):
         return
-    request_id = _request_id(headers)
+    request_id = request_id or request_id_of(headers)
     duration_ms = round(seconds * 1000, 1)
     if _access_writer is not None:
         _access_writer.write(method, route, status, duration_ms, request_id)
@@ -132,7 +205,7 @@ def flush() -> None:
         _access_writer.flush()
 
 
-def _request_id(headers: list[tuple[bytes, bytes]]) -> str:
+def request_id_of(headers: list[tuple[bytes, bytes]]) -> str:
     """The client's (or nginx's) X-Request-ID if it looks like one, else a new one."""
     for name, value in headers:
         if name.lower() == b"x-request-id" and 0 < len(value) <= 128:

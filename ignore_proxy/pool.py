@@ -45,6 +45,7 @@ import asyncio
 import collections
 import ipaddress
 import socket
+import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
@@ -55,15 +56,28 @@ import httpx
 
 
 class UpstreamError(Exception):
-    """The homeserver could not be asked, or its answer could not be read."""
+    """The homeserver could not be asked, or its answer could not be read. `cause` says
+    which in a word, for the log line; the message says what happened, never the path."""
+
+    cause = "failure"
+
+    def __init__(self, message: str, cause: str | None = None) -> None:
+        super().__init__(message)
+        if cause is not None:
+            self.cause = cause
 
 
 class Unreachable(UpstreamError):
-    """No connection to the homeserver (refused, unresolvable, unroutable)."""
+    """No connection to the homeserver: `refused`, `dns`, `tls` (the certificate or the
+    handshake) or `unreachable` (anything else: unroutable, reset, ...)."""
+
+    cause = "unreachable"
 
 
 class TimedOut(UpstreamError):
     """The homeserver took longer than a timeout allowed."""
+
+    cause = "timeout"
 
 
 class ConnectTimedOut(TimedOut):
@@ -81,9 +95,28 @@ class WriteTimedOut(TimedOut):
 class PoolFull(UpstreamError):
     """No free upstream connection within the pool timeout."""
 
+    cause = "pool full"
+
 
 class BadAnswer(UpstreamError):
     """An answer broken, garbled, oversized or cut off."""
+
+    cause = "bad answer"
+
+
+def connect_failure(exc: OSError, address: str) -> Unreachable:
+    """Why a connection could not be made, in words an operator can act on: a certificate
+    failure must not read like a refused connection."""
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        why = exc.verify_message or exc.reason or str(exc)
+        return Unreachable(f"TLS certificate of {address} not accepted: {why}", "tls")
+    if isinstance(exc, ssl.SSLError):
+        return Unreachable(f"TLS handshake with {address} failed: {exc.reason or exc}", "tls")
+    if isinstance(exc, socket.gaierror):
+        return Unreachable(f"cannot resolve {address}: {exc.strerror or exc}", "dns")
+    if isinstance(exc, ConnectionRefusedError):
+        return Unreachable(f"{address} refused the connection", "refused")
+    return Unreachable(f"cannot connect to {address}: {exc.strerror or exc}")
 
 
 RawHeaders = list[tuple[bytes, bytes]]
@@ -676,7 +709,7 @@ class UpstreamPool:
         except TimeoutError:
             raise ConnectTimedOut("connecting to the homeserver timed out") from None
         except OSError as exc:
-            raise Unreachable(f"cannot connect to the homeserver: {exc}") from None
+            raise connect_failure(exc, f"{self.host}:{self.port}") from None
         self._all.add(protocol)
         return protocol
 

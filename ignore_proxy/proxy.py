@@ -18,7 +18,7 @@ from .calls import Body, Call, ClientGone, Exchange, Services
 from .config import Settings
 from .handlers import Handler
 from .identity import Credentials, CredentialsRefused, credentials_from_request
-from .logs import log_request
+from .logs import log_request, request_id_of
 from .metrics import Metrics
 from .pool import RawHeaders, UpstreamError
 from .replies import MatrixError, Relay, Reply, send_reply, upstream_failure
@@ -93,7 +93,7 @@ class Proxy:
             self.metrics.count_request(exchange.route, status)
             log_request(
                 scope["method"], exchange.route, status, time.perf_counter() - started,
-                scope["headers"],
+                scope["headers"], exchange.request_id,
             )  # fmt: skip
 
     async def _handle(self, scope: Scope, exchange: Exchange) -> None:
@@ -185,7 +185,8 @@ class Proxy:
                 timeouts_for(self.settings, poll_ms),
             )  # fmt: skip
         except UpstreamError as exc:
-            raise upstream_failure(exc) from None
+            exchange.request_id = exchange.request_id or request_id_of(headers)
+            raise upstream_failure(exc, exchange.route, exchange.request_id) from None
         finally:
             if long_poll:
                 self.metrics.long_polls.dec()

@@ -6,13 +6,13 @@ writes it to the client. Nothing else in the request path writes to ASGI `send`.
 
 from __future__ import annotations
 
-import logging
 from dataclasses import dataclass
 from typing import Any
 
 import msgspec
 from starlette.types import Send
 
+from .logs import log_upstream_failure
 from .pool import PoolFull, TimedOut, UpstreamError
 from .upstream import BODY_HEADERS, UpstreamResponse, forwardable
 
@@ -26,8 +26,6 @@ __all__ = [
     "send_reply",
     "upstream_failure",
 ]
-
-log = logging.getLogger(__name__)
 
 
 def error_body(errcode: str, error: str, **extra: Any) -> bytes:
@@ -80,9 +78,10 @@ class Json:
 Reply = Relay | Rewritten | Json | MatrixError
 
 
-def upstream_failure(exc: UpstreamError) -> MatrixError:
+def upstream_failure(exc: UpstreamError, route: str, request_id: str) -> MatrixError:
     """What the client is told when the homeserver cannot be asked or did not answer:
-    the one place the pool's failures become Matrix errors."""
+    the one place the pool's failures become Matrix errors, and are logged."""
+    log_upstream_failure(exc.cause, str(exc), route, request_id)
     if isinstance(exc, PoolFull):
         return MatrixError(503, "M_UNKNOWN", "Too many requests to the homeserver in flight",
                            headers=((b"retry-after", b"1"),))  # fmt: skip
@@ -140,7 +139,9 @@ async def _stream(send: Send, response: UpstreamResponse) -> None:
     except UpstreamError as exc:
         # The status line is gone already: all that is left is to cut the connection, so
         # the client sees a truncated answer rather than a complete-looking one.
-        log.warning("upstream failed mid-body: %s", type(exc).__name__)
+        # Said like every upstream failure (and limited like them); the route class and
+        # request id are the access line's, which follows.
+        log_upstream_failure(exc.cause, f"the answer was cut off: {exc}", "relayed", "-")
         return
     if more:
         await send({"type": "http.response.body", "body": b"", "more_body": False})

@@ -12,7 +12,7 @@ from collections.abc import Callable, Iterator
 
 import uvicorn
 
-from . import logs
+from . import logs, startup
 from .app import IgnoreProxyApp, create_app
 from .config import Settings, parse_host_port
 from .http_protocol import bounded_headers_protocol
@@ -77,12 +77,12 @@ def listeners(settings: Settings, *, with_metrics: bool = True) -> list[Listener
 
 async def serve_all(
     servers: list[Listener],
-    sockets: list[socket.socket] | None = None,
+    sockets: list[socket.socket],
     on_start: Callable[[IgnoreProxyApp], None] | None = None,
 ) -> None:
-    """Run the listeners side by side; SIGTERM or SIGINT (or one of them stopping) stops
-    all of them gracefully, a second signal at once. `sockets`, when given, are the
-    proxy's (a worker's own SO_REUSEPORT socket)."""
+    """Run the listeners side by side, each on its socket (bound already, in the order of
+    `servers`); SIGTERM or SIGINT (or one of them stopping) stops all of them gracefully,
+    a second signal at once."""
 
     def stop() -> None:
         for server in servers:
@@ -90,9 +90,9 @@ async def serve_all(
                 server.force_exit = True
             server.should_exit = True
 
-    async def run(server: Listener, own_sockets: list[socket.socket] | None) -> None:
+    async def run(server: Listener, own_socket: socket.socket) -> None:
         try:
-            await server.serve(sockets=own_sockets)
+            await server.serve(sockets=[own_socket])
         finally:
             for other in servers:
                 other.should_exit = True
@@ -106,7 +106,7 @@ async def serve_all(
         on_start(app)
     try:
         await asyncio.gather(
-            *(run(server, sockets if index == 0 else None) for index, server in enumerate(servers))
+            *(run(server, sock) for server, sock in zip(servers, sockets, strict=True))
         )
     finally:
         for sig in _STOP_SIGNALS:
@@ -128,8 +128,13 @@ def serve(
     on_start: Callable[[IgnoreProxyApp], None] | None = None,
 ) -> None:
     """Serve until stopped: one process (`sockets` None), or one worker of several, whose
-    metrics the parent serves (`workers.py`)."""
+    metrics the parent serves (`workers.py`). A taken address raises `CannotStart`."""
     logs.configure(settings)
-    servers = listeners(settings, with_metrics=sockets is None)
+    if sockets is None:  # one process: its addresses bound before anything runs
+        sockets = [startup.bind("listen", settings.listen)]
+        if settings.metrics.listen:
+            sockets.append(startup.bind("metrics.listen", settings.metrics.listen))
+        logs.log_start(settings)
+    servers = listeners(settings, with_metrics=len(sockets) > 1)
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve_all(servers, sockets, on_start))

@@ -12,6 +12,7 @@ import httpx
 
 from . import pool as pool_errors
 from .config import Settings
+from .logs import log_upstream_failure
 from .pool import Body, ExchangeTimeouts, RawHeaders, UpstreamPool
 
 HOP_BY_HOP = frozenset(
@@ -125,6 +126,8 @@ class PoolTransport(httpx.AsyncBaseTransport):
                 ),
             )
         except pool_errors.UpstreamError as exc:
+            # The proxy's own lookups (whoami, ignore lists, ...) serve many requests at once.
+            log_upstream_failure(exc.cause, str(exc), "lookup", "-")
             raise _to_httpx(exc) from exc
         return httpx.Response(
             status_code=response.status_code,

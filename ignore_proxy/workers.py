@@ -30,11 +30,11 @@ import shutil
 import signal
 import socket
 import sys
-import tempfile
 import traceback
 from collections.abc import Callable
 from typing import TYPE_CHECKING
 
+from . import startup
 from .config import Settings
 
 if TYPE_CHECKING:
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 _MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"  # metrics.MULTIPROCESS_ENV, without importing it
-_BACKLOG = 4096
 _SEND_TIMEOUT = 1.0
 
 
@@ -93,23 +92,12 @@ class Siblings:
         asyncio.get_running_loop().call_later(1.0, self._watch_parent)
 
 
-def _listen_socket(host: str, port: int) -> socket.socket:
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    sock.bind((host, port))
-    return sock
-
-
 def _worker(
     settings: Settings, index: int, channels: list[tuple[socket.socket, socket.socket]]
 ) -> int:
     from .server import serve
 
-    host, port = settings.listen_address
-    sock = _listen_socket(host, port)
-    sock.listen(_BACKLOG)
+    sock = startup.bind("listen", settings.listen, reuse_port=True)
     inbox = channels[index][1]
     outboxes = [pair[0] for other, pair in enumerate(channels) if other != index]
     serve(settings, [sock], Siblings(inbox, outboxes, os.getppid()).attach)
@@ -121,9 +109,12 @@ def _run_worker(
 ) -> None:
     """In the forked child; never returns (the parent's cleanup is not the child's)."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which stops the workers
-    code = 1
+    code = startup.EXIT_FAILED
     try:
         code = _worker(settings, index, channels)
+    except startup.CannotStart as exc:  # the address was taken after the parent's check
+        print(f"ignore-proxy: worker {os.getpid()}: {exc}", file=sys.stderr)
+        code = startup.EXIT_CANNOT_START
     except BaseException:
         traceback.print_exc()
     finally:
@@ -136,17 +127,23 @@ def _run_worker(
 
 
 def serve_workers(settings: Settings) -> int:
-    host, port = settings.listen_address
-    try:
-        # Fail as one process would, with one clear line, when the address is taken.
-        _listen_socket(host, port).close()
-    except OSError as exc:
-        print(f"ignore-proxy: cannot listen on {settings.listen}: {exc}", file=sys.stderr)
-        return 1
-    metrics_dir = None
+    """Fork the workers and supervise them; a taken address raises `CannotStart` before
+    any worker runs, as it does in one process."""
+    from . import logs
+
+    # The workers bind their own sockets; the check fails here, with one line, instead.
+    startup.bind("listen", settings.listen, reuse_port=True).close()
+    metrics_socket = None
     if settings.metrics.listen:
+        metrics_socket = startup.bind("metrics.listen", settings.metrics.listen)
+    logs.configure(settings)
+    for path in startup.remove_stale_metrics_dirs():
+        log.info("removed %s, left by a run that was killed", path)
+    logs.log_start(settings)
+    metrics_dir = None
+    if metrics_socket is not None:
         # Before prometheus_client is imported: it picks its value store then.
-        metrics_dir = tempfile.mkdtemp(prefix="ignore-proxy-metrics-")
+        metrics_dir = startup.make_metrics_dir()
         os.environ[_MULTIPROC_ENV] = metrics_dir
     try:
         channels = [
@@ -156,15 +153,19 @@ def serve_workers(settings: Settings) -> int:
         for index in range(settings.workers):
             pid = os.fork()
             if pid == 0:
+                if metrics_socket is not None:
+                    metrics_socket.close()  # the parent's alone
                 _run_worker(settings, index, channels)
             pids.append(pid)
-        return asyncio.run(_supervise(settings, pids))
+        return asyncio.run(_supervise(settings, pids, metrics_socket))
     finally:
         if metrics_dir is not None:
             shutil.rmtree(metrics_dir, ignore_errors=True)
 
 
-async def _supervise(settings: Settings, pids: list[int]) -> int:
+async def _supervise(
+    settings: Settings, pids: list[int], metrics_socket: socket.socket | None
+) -> int:
     loop = asyncio.get_running_loop()
     alive = set(pids)
     done = asyncio.Event()
@@ -191,8 +192,9 @@ async def _supervise(settings: Settings, pids: list[int]) -> int:
             alive.discard(pid)
             if not stopping:
                 code = os.waitstatus_to_exitcode(status)
-                print(f"ignore-proxy: worker {pid} ended ({code}); stopping", file=sys.stderr)
-                exit_code = 1
+                if code != startup.EXIT_CANNOT_START:  # which said why in its own line
+                    print(f"ignore-proxy: worker {pid} ended ({code}); stopping", file=sys.stderr)
+                exit_code = code if code == startup.EXIT_CANNOT_START else startup.EXIT_FAILED
                 stop()
         if not alive:
             done.set()
@@ -201,7 +203,9 @@ async def _supervise(settings: Settings, pids: list[int]) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop)
     reap()  # a worker may have ended before the handler was in place
-    metrics = asyncio.create_task(_serve_metrics(settings)) if settings.metrics.listen else None
+    metrics = (
+        asyncio.create_task(_serve_metrics(settings, metrics_socket)) if metrics_socket else None
+    )
     await done.wait()
     if metrics is not None:
         metrics.cancel()
@@ -209,7 +213,7 @@ async def _supervise(settings: Settings, pids: list[int]) -> int:
     return exit_code
 
 
-async def _serve_metrics(settings: Settings) -> None:
+async def _serve_metrics(settings: Settings, metrics_socket: socket.socket) -> None:
     from prometheus_client import CollectorRegistry, multiprocess
 
     from .metrics import MetricsEndpoint
@@ -217,4 +221,4 @@ async def _serve_metrics(settings: Settings) -> None:
 
     registry = CollectorRegistry()
     multiprocess.MultiProcessCollector(registry)  # type: ignore[no-untyped-call]
-    await Listener(metrics_config(settings, MetricsEndpoint(registry))).serve()
+    await Listener(metrics_config(settings, MetricsEndpoint(registry))).serve([metrics_socket])

@@ -101,3 +101,106 @@ def test_unreadable_and_invalid_files(tmp_path: Path) -> None:
     broken.write_text("upstream = \n")
     with pytest.raises(ConfigError, match="not valid TOML"):
         load_settings(str(broken), environ={})
+
+
+def test_a_misspelled_variable_is_refused_naming_the_real_one() -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"IGNORE_PROXY_IGNORE_REJECT_INVITE": "true"})
+    assert str(caught.value) == (
+        "unknown environment variable IGNORE_PROXY_IGNORE_REJECT_INVITE; "
+        "did you mean IGNORE_PROXY_IGNORE_REJECT_INVITES?"
+    )
+    with pytest.raises(ConfigError, match=r"IGNORE_PROXY_NOTHING_LIKE_IT$"):
+        load_settings(environ={"IGNORE_PROXY_NOTHING_LIKE_IT": "1"})
+    # Variables of other programs are none of its business.
+    assert load_settings(environ={"IGNORE_PROXYX": "1", "PROXY_IGNORE": "1"}) == Settings()
+
+
+def test_every_documented_variable_is_accepted() -> None:
+    from ignore_proxy.config import environment_names
+
+    assert "IGNORE_PROXY_CONFIG" in environment_names()
+    for key in all_keys():
+        assert env_name(*key) in environment_names()
+
+
+@pytest.mark.parametrize(
+    ("toml", "message"),
+    [
+        ("[ignore]\nerrcodes = 'M_SENDER_IGNORED'\n",
+         "unknown config key ignore.errcodes; did you mean ignore.errcode?"),
+        ("[ignores]\nerrcode = 'M_SENDER_IGNORED'\n",
+         "unknown config key ignores; did you mean ignore?"),
+        ("upstreams = 'http://hs'\n", "unknown config key upstreams; did you mean upstream?"),
+        ("ignore = 5\n", "config table [ignore]: expected a table of keys"),
+    ],
+)  # fmt: skip
+def test_file_errors_name_what_exists(tmp_path: Path, toml: str, message: str) -> None:
+    config = tmp_path / "c.toml"
+    config.write_text(toml)
+    with pytest.raises(ConfigError) as caught:
+        load_settings(str(config), environ={})
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("variable", "value", "message"),
+    [
+        ("IGNORE_PROXY_LOGGING_LEVEL", "warn",
+         "config key logging.level (IGNORE_PROXY_LOGGING_LEVEL): expected one of debug, info, "
+         "warning, error, got 'warn'"),
+        ("IGNORE_PROXY_IGNORE_ON_UNAVAILABLE", "shrug",
+         "config key ignore.on_unavailable (IGNORE_PROXY_IGNORE_ON_UNAVAILABLE): expected one "
+         "of refuse, pass, got 'shrug'"),
+        ("IGNORE_PROXY_IGNORE_REJECT_INVITES", "perhaps",
+         "config key ignore.reject_invites (IGNORE_PROXY_IGNORE_REJECT_INVITES): expected true "
+         "or false (also yes/no, on/off, 1/0), got 'perhaps'"),
+        ("IGNORE_PROXY_LIMITS_MAX_CONNECTIONS", "many",
+         "config key limits.max_connections (IGNORE_PROXY_LIMITS_MAX_CONNECTIONS): expected "
+         "`int`, got 'many'"),
+        ("IGNORE_PROXY_WORKERS", "0",
+         "config key workers (IGNORE_PROXY_WORKERS): expected `int` >= 1, got '0'"),
+    ],
+)  # fmt: skip
+def test_bad_values_list_what_is_accepted(variable: str, value: str, message: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={variable: value})
+    assert str(caught.value) == message
+
+
+@pytest.mark.parametrize(
+    ("spelling", "meaning"),
+    [("true", True), ("True", True), ("yes", True), ("ON", True), ("1", True),
+     ("false", False), ("No", False), ("off", False), ("0", False)],
+)  # fmt: skip
+def test_booleans_in_their_usual_spellings(spelling: str, meaning: bool) -> None:
+    settings = load_settings(environ={"IGNORE_PROXY_IGNORE_REJECT_INVITES": spelling})
+    assert settings.ignore.reject_invites is meaning
+
+
+def test_choices_in_any_letter_case() -> None:
+    environ = {"IGNORE_PROXY_LOGGING_LEVEL": "INFO", "IGNORE_PROXY_LOGGING_FORMAT": "Json"}
+    settings = load_settings(environ=environ)
+    assert (settings.logging.level, settings.logging.format) == ("info", "json")
+
+
+@pytest.mark.parametrize(
+    ("listen", "metrics", "clash"),
+    [
+        ("127.0.0.1:8010", "127.0.0.1:8010", True),
+        ("127.0.0.1:8010", "0.0.0.0:8010", True),
+        ("0.0.0.0:8010", "127.0.0.1:8010", True),
+        ("[::]:8010", "127.0.0.1:8010", True),
+        ("localhost:8010", "127.0.0.1:8010", True),
+        ("127.0.0.1:8010", "127.0.0.1:9010", False),
+        ("127.0.0.1:8010", "127.0.0.2:8010", False),
+    ],
+)
+def test_metrics_need_a_port_of_their_own(listen: str, metrics: str, clash: bool) -> None:
+    environ = {"IGNORE_PROXY_LISTEN": listen, "IGNORE_PROXY_METRICS_LISTEN": metrics}
+    if not clash:
+        assert load_settings(environ=environ).metrics.listen == metrics
+        return
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ=environ)
+    assert str(caught.value).startswith("config key metrics.listen (IGNORE_PROXY_METRICS_LISTEN): ")

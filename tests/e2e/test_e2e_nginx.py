@@ -76,7 +76,6 @@ TO_PROXY = [
     "/_matrix/client/v3/devices/ABCDEF",
     "/_matrix/client/v3/delete_devices",
     "/_matrix/client/v3/account/password",
-    "/_ignore_proxy/health/live",
 ]
 
 # Paths every shipped config must send straight to the homeserver.
@@ -161,6 +160,29 @@ def test_routes_and_raw_uri(routed: tuple[str, NginxServer], method: str) -> Non
             assert got["host"] == "127.0.0.1", got
             assert got["x_forwarded_for"] == "127.0.0.1", got
     assert not wrong, "\n".join(wrong)
+
+
+def test_health_checks_only_on_the_internal_listener(routed: tuple[str, NginxServer]) -> None:
+    """The proxy's own endpoints are not public; the health checks are on the internal
+    listener (README: Deploying behind nginx)."""
+    _, server = routed
+    with httpx.Client(trust_env=False, timeout=10) as client:
+        for path in (
+            "/_ignore_proxy/health/live",
+            "/_ignore_proxy/health/ready",
+            "/_ignore_proxy/anything",
+            # nginx resolves these to /_ignore_proxy/health/live before it picks a location.
+            "/_matrix/client/v3/../../../_ignore_proxy/health/live",
+            "/_matrix/client/v3/%2e%2e/%2e%2e/%2e%2e/_ignore_proxy/health/live",
+        ):
+            public = asyncio.run(raw_request(server.url, "GET", path))
+            assert public.status_code == 404 and "backend" not in public.text, (path, public)
+        for path in ("/_ignore_proxy/health/live", "/_ignore_proxy/health/ready"):
+            internal = client.get(server.health_url + path)
+            assert internal.status_code == 200
+            assert internal.json()["backend"] == "proxy" and internal.json()["raw_path"] == path
+        # Nothing else on the internal listener.
+        assert client.get(server.health_url + "/_matrix/client/versions").status_code == 404
 
 
 # --- Every endpoint the proxy acts on, in every spelling ---------------------------------

@@ -19,6 +19,7 @@ SHIPPED = ("ignore-proxy-all-client.conf", "ignore-proxy-selected.conf")
 _PROXY_LINE = re.compile(r"server 127\.0\.0\.1:8010;")
 _HS_LINE = re.compile(r"server 127\.0\.0\.1:8008;")
 _LISTEN_LINE = re.compile(r"listen 8080;")
+_HEALTH_LINE = re.compile(r"listen 127\.0\.0\.1:8081;")
 
 
 def nginx_binary() -> str:
@@ -33,13 +34,17 @@ def nginx_binary() -> str:
     return found
 
 
-def render_site(shipped: str, listen: int, proxy: str, homeserver: str) -> str:
-    """The shipped file with only the marked addresses and the listen port replaced."""
+def render_site(
+    shipped: str, listen: int, proxy: str, homeserver: str, health: int | None = None
+) -> str:
+    """The shipped file with only the marked addresses and the listen ports replaced (the
+    internal health listener on `health`, a free port if not given)."""
     text = (CONFIG_DIR / shipped).read_text()
     for pattern, repl in (
         (_PROXY_LINE, f"server {proxy};"),
         (_HS_LINE, f"server {homeserver};"),
         (_LISTEN_LINE, f"listen 127.0.0.1:{listen};"),
+        (_HEALTH_LINE, f"listen 127.0.0.1:{health or free_port()};"),
     ):
         text, n = pattern.subn(repl, text)
         if n != 1:
@@ -74,15 +79,18 @@ class NginxServer:
     url: str
     conf: Path
     process: ManagedProcess
+    health_url: str = ""  # the internal listener of the proxy's health checks
 
     def stop(self) -> None:
         self.process.stop()
 
 
-def write_config(prefix: Path, shipped: str, listen: int, proxy: str, homeserver: str) -> Path:
+def write_config(
+    prefix: Path, shipped: str, listen: int, proxy: str, homeserver: str, health: int | None = None
+) -> Path:
     prefix.mkdir(parents=True, exist_ok=True)
     site = prefix / "site.conf"
-    site.write_text(render_site(shipped, listen, proxy, homeserver))
+    site.write_text(render_site(shipped, listen, proxy, homeserver, health))
     conf = prefix / "nginx.conf"
     conf.write_text(main_conf(prefix, site))
     return conf
@@ -100,8 +108,8 @@ def nginx_test(conf: Path, prefix: Path) -> subprocess.CompletedProcess[str]:
 
 
 def start_nginx(prefix: Path, shipped: str, proxy: str, homeserver: str) -> NginxServer:
-    listen = free_port()
-    conf = write_config(prefix, shipped, listen, proxy, homeserver)
+    listen, health = free_port(), free_port()
+    conf = write_config(prefix, shipped, listen, proxy, homeserver, health)
     checked = nginx_test(conf, prefix)
     if checked.returncode != 0:
         raise RuntimeError(f"nginx -t failed for {shipped}:\n{checked.stderr}")
@@ -123,4 +131,4 @@ def start_nginx(prefix: Path, shipped: str, proxy: str, homeserver: str) -> Ngin
     url = f"http://127.0.0.1:{listen}"
     # Any HTTP answer means nginx listens (the upstream may answer anything).
     proc.wait_http(f"{url}/_matrix/client/versions", 20.0, ok=lambda r: r.status_code < 500)
-    return NginxServer(shipped, url, conf, proc)
+    return NginxServer(shipped, url, conf, proc, f"http://127.0.0.1:{health}")
