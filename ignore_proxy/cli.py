@@ -1,5 +1,6 @@
 """The command line: `ignore-proxy [serve] --upstream URL --listen HOST:PORT [--config FILE]`,
-`ignore-proxy check-config` and `ignore-proxy healthcheck` (exit 0 or 1, for Docker)."""
+`ignore-proxy check-config`, `ignore-proxy healthcheck` (exit 0 or 1, for Docker) and
+`ignore-proxy push-rules --user USER [--remove]` (the proxy's push rules of a user)."""
 
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ from collections.abc import Sequence
 from . import __version__
 from .config import ENV_PREFIX, ConfigError, Settings, load_settings
 
-COMMANDS = ("serve", "check-config", "healthcheck")
+COMMANDS = ("serve", "check-config", "healthcheck", "push-rules")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -27,6 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--upstream", metavar="URL", help="homeserver base URL")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
     parser.add_argument("--workers", metavar="N", help="processes serving the address (default 1)")
+    parser.add_argument("--user", metavar="USER_ID", help="push-rules: whose rules")
+    parser.add_argument("--remove", action="store_true", help="push-rules: delete them all")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -46,6 +49,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     if args.command == "healthcheck":
         return healthcheck(settings)
+    if args.command == "push-rules":
+        return push_rules(settings, args.user, remove=args.remove)
     if settings.workers > 1:
         from .workers import serve_workers
 
@@ -54,6 +59,26 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     serve(settings)
     return 0
+
+
+def push_rules(settings: Settings, user_id: str | None, *, remove: bool) -> int:
+    """The proxy's push rules of one user, listed or removed, with the user's access token
+    (or an appservice's) from IGNORE_PROXY_ACCESS_TOKEN or standard input."""
+    import asyncio
+    import os
+
+    from .push_rules import TOKEN_ENV, push_rules_command
+
+    if not user_id:
+        print("ignore-proxy: push-rules needs --user USER_ID", file=sys.stderr)
+        return 2
+    token = os.environ.get(TOKEN_ENV) or (sys.stdin.readline() if not sys.stdin.isatty() else "")
+    token = token.strip()
+    if not token:
+        print(f"ignore-proxy: push-rules reads the access token from {TOKEN_ENV} or standard "
+              "input", file=sys.stderr)  # fmt: skip
+        return 2
+    return asyncio.run(push_rules_command(settings.upstream, user_id, token, remove=remove))
 
 
 def healthcheck(settings: Settings) -> int:

@@ -75,6 +75,9 @@ class Ignore(_Section, frozen=True):
     # When a user's list cannot be learned and none is known: "refuse" answers 503,
     # "pass" serves the response unfiltered.
     on_unavailable: Literal["refuse", "pass"] = "refuse"
+    # Keep a non-notifying push rule per ignored user at the homeserver (README, "Push
+    # notifications and unread counts"), hidden from the user's clients.
+    suppress_push: bool = False
 
 
 class Logging(_Section, frozen=True):
