@@ -101,7 +101,11 @@ class Stack:
     def stop(self) -> None:
         # Front to back, so nothing logs errors about a vanished upstream longer than needed.
         for servers in (
-            self._nginx, self._proxies, self._rejecting, self._suppressing, self._synapses
+            self._nginx,
+            self._proxies,
+            self._rejecting,
+            self._suppressing,
+            self._synapses,
         ):
             for server in servers.values():
                 server.stop()
