@@ -106,6 +106,16 @@ async def test_suppress_push_counts_and_notifies_without_ignored_users(
     assert w.bob.user_id not in str(push_rules) and NAMESPACE not in str(push_rules)
     account_data = await alice.get_json(f"{CS}/user/{q(alice.user_id)}/account_data/m.push_rules")
     assert NAMESPACE not in str(account_data)
+    sliding = await alice.request(
+        "POST",
+        "/_matrix/client/unstable/org.matrix.simplified_msc3575/sync",
+        json={"lists": {}, "extensions": {"account_data": {"enabled": True}}},
+    )
+    assert sliding.status_code == 200, sliding.text
+    events = sliding.json()["extensions"]["account_data"]["global"]
+    push_rules = [e for e in events if e["type"] == "m.push_rules"]
+    assert push_rules, events
+    assert NAMESPACE not in sliding.text and w.bob.user_id not in str(push_rules)
 
     # Nor can they change, disable or delete it by its ID.
     rule_path = f"{CS}/pushrules/global/override/{rule_id}"
