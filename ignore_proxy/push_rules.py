@@ -27,6 +27,7 @@ import msgspec
 from cachetools import LRUCache
 
 from .identity import WHOAMI_PATH, Credentials
+from .ignore_lists import account_data_path, parse_ignored_users
 from .rewrite.push_rules import (
     ACTIONS,
     MAX_RULES,
@@ -112,12 +113,23 @@ def _owned_by_kind(ruleset: Mapping[str, object]) -> list[tuple[str, str]]:
 
 
 async def reconcile(
-    client: httpx.AsyncClient, creds: Credentials, ignored: frozenset[str], cap: int = MAX_RULES
+    client: httpx.AsyncClient,
+    creds: Credentials,
+    user_id: str,
+    ignored: frozenset[str],
+    cap: int = MAX_RULES,
 ) -> int:
-    """Bring the user's rules in line with `ignored`; the number of changes made."""
+    """Bring the rules of `user_id` (whom `creds` act as) in line with `ignored`; the
+    number of changes made."""
     ruleset = await read_rules(client, creds)
+    owned = owned_overrides(ruleset)
     # The namespace's rules of other kinds are not the proxy's to keep (`--remove` deletes them).
-    plan = plan_rules(ignored, owned_overrides(ruleset), cap)
+    plan = plan_rules(ignored, owned, cap)
+    if plan.delete:
+        # A rule is deleted only for a user the homeserver's list no longer holds: a list
+        # learned before a change that a sibling worker (or another client) just made
+        # must not take back the rule that change put.
+        plan = plan_rules(await _stored_list(client, creds, user_id), owned, cap)
     for rule_id, user_id in plan.put:
         # No `before`/`after`: a new rule is the user's most important override rule.
         body = {"conditions": conditions_for(user_id), "actions": ACTIONS}
@@ -131,6 +143,26 @@ async def reconcile(
         log.warning("push rules: %d ignored users over the cap of %d have none",
                     plan.over_cap, cap)  # fmt: skip
     return len(plan.put) + len(plan.enable) + len(plan.delete)
+
+
+async def _stored_list(
+    client: httpx.AsyncClient, creds: Credentials, user_id: str
+) -> frozenset[str]:
+    """The ignore list as the homeserver holds it now."""
+    try:
+        response = await client.get(
+            account_data_path(user_id), headers=creds.auth_headers(), params=creds.query_params()
+        )
+    except httpx.HTTPError as exc:
+        raise PushRulesFailed(f"GET ignore list: {type(exc).__name__}") from None
+    if response.status_code == 404:
+        return frozenset()
+    if response.status_code != 200:
+        raise PushRulesFailed(f"GET ignore list: status {response.status_code}")
+    try:
+        return parse_ignored_users(msgspec.json.decode(response.content)) - {user_id}
+    except msgspec.DecodeError:
+        raise PushRulesFailed("GET ignore list: not JSON") from None
 
 
 async def remove_owned_rules(
@@ -225,12 +257,13 @@ class PushRuleKeeper:
                 creds, ignored = run.creds, run.ignored
                 started = self._timer()
                 try:
-                    self.changes += await reconcile(self._client, creds, ignored, self._cap)
+                    changed = await reconcile(self._client, creds, user_id, ignored, self._cap)
                 except PushRulesFailed as exc:
                     self.failures += 1
                     log.warning("push rules not brought in line: %s", exc)
                     self._kept[user_id] = _Kept(ignored, started + RETRY_AFTER, started)
                     return
+                self.changes += changed
                 self._kept[user_id] = _Kept(ignored, started + self._recheck_after, started)
                 if run.ignored == ignored:
                     return

@@ -279,3 +279,19 @@ async def test_the_keeper_caps_the_rules_and_keeps_those_held() -> None:
     # Learned again, nothing due: no request at all.
     assert keeper.learned(ALICE, Credentials("alice-token"), ignored) is None
     await client.aclose()
+
+
+async def test_a_stale_list_never_takes_back_a_rule_the_homeservers_list_still_wants(
+    hs: FakeHomeserver, store: RuleStore
+) -> None:
+    """A worker that learned alice's list before a sibling's write must not delete the
+    rule that write put: deletions follow the list the homeserver holds."""
+    hs.ignore(ALICE, BOB)
+    store.rules[ALICE] = [rule_of(BOB), rule_of(CHARLIE)]  # charlie un-ignored meanwhile
+    client = httpx.AsyncClient(transport=httpx.MockTransport(hs), base_url="http://hs")
+    keeper = PushRuleKeeper(client, recheck_after=300.0, max_users=10)
+    task = keeper.learned(ALICE, Credentials("alice-token"), frozenset())
+    assert task is not None
+    await task
+    assert list(store.owned(ALICE)) == [rule_id_for(BOB)]
+    await client.aclose()
