@@ -176,7 +176,7 @@ class Services:
         )
         self._background: set[asyncio.Task[None]] = set()
         # `ignore.suppress_push`: the proxy's push rules, kept as each list is learned.
-        self.push_rules = (
+        self.push_rule_keeper = (
             PushRuleKeeper(
                 client,
                 recheck_after=settings.ignore.list_ttl,
@@ -227,16 +227,26 @@ class Services:
     def keep_push_rules(self, call: Call, user_id: str) -> asyncio.Task[None] | None:
         """With `ignore.suppress_push`, the user's push rules brought in line with the
         list the proxy knows (a task, if anything is due; see push_rules.py)."""
-        if self.push_rules is None or call.creds is None or not self.ignore_lists.known(user_id):
+        if (
+            self.push_rule_keeper is None
+            or call.creds is None
+            or not self.ignore_lists.known(user_id)
+        ):
             return None
-        return self.push_rules.learned(user_id, call.creds, self.ignore_lists.current(user_id))
+        return self.push_rule_keeper.learned(
+            user_id, call.creds, self.ignore_lists.current(user_id)
+        )
 
     def push_rules_seen(self, call: Call, user_id: str, owned: dict[str, object]) -> None:
         """An answer showed the user's whole ruleset: `owned` is what it held of the
         proxy's override rules (one deleted or disabled around the proxy is put back)."""
-        if self.push_rules is None or call.creds is None or not self.ignore_lists.known(user_id):
+        if (
+            self.push_rule_keeper is None
+            or call.creds is None
+            or not self.ignore_lists.known(user_id)
+        ):
             return
-        self.push_rules.seen(user_id, call.creds, self.ignore_lists.current(user_id), owned)
+        self.push_rule_keeper.seen(user_id, call.creds, self.ignore_lists.current(user_id), owned)
 
     def list_unavailable(self) -> MatrixError:
         self.metrics.list_unavailable.inc()

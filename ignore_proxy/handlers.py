@@ -218,7 +218,7 @@ class FilteredRead(Handler):
                 seen = self.account_data(body)
                 if seen is not None:
                     svc.ignore_lists.set(user_id, seen, asked_at=call.asked_at)
-        if self.push_rules is not None and svc.push_rules is not None:
+        if self.push_rules is not None and svc.push_rule_keeper is not None:
             body = self.hide_push_rules(svc, call, user_id, body)
         try:
             ignored = await svc.list_now(call, user_id)

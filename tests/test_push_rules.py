@@ -276,6 +276,7 @@ async def test_the_keeper_caps_the_rules_and_keeps_those_held() -> None:
     assert task is not None
     await task
     assert set(store.owned(ALICE)) == {rule_id_for(u) for u in ("@u9:hs", "@u0:hs", "@u1:hs")}
+    assert (keeper.changes, keeper.failures) == (2, 0)
     # Learned again, nothing due: no request at all.
     assert keeper.learned(ALICE, Credentials("alice-token"), ignored) is None
     await client.aclose()

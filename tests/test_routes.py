@@ -85,7 +85,7 @@ def test_matching_is_cached_per_method_and_path() -> None:
         match("GET", f"{CS}/rooms/!cache:hs/messages/".encode())
 
 
-PUSH_RULES = ("push_rules", {})
+PUSH_RULES: tuple[str, dict[str, str]] = ("push_rules", {})
 
 
 @pytest.mark.parametrize(
