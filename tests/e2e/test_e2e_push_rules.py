@@ -57,15 +57,18 @@ async def _counts(alice: Actor, room_id: str, expected: int) -> JSON:
 
 
 async def _talk(w: World) -> tuple[list[str], list[str]]:
-    """A read receipt on the latest event (nothing unread), then bob's 3 messages and
-    charlie's 2; their event IDs."""
+    """A read receipt on the latest event (nothing unread), then bob's 3 messages (one
+    mentioning alice) and charlie's 2; their event IDs."""
     baseline = await w.charlie.send_text(w.room_id, "baseline")
     resp = await w.alice.request(
         "POST", f"{CS}/rooms/{q(w.room_id)}/receipt/m.read/{q(baseline)}", json={}
     )
     assert resp.status_code == 200, resp.text
     assert (await _counts(w.alice, w.room_id, 0)).get("notification_count") == 0
-    bob = [await w.bob.send_text(w.room_id, f"bob {i}") for i in range(3)]
+    # Bob's first message mentions alice: it would highlight too.
+    mention = {"m.mentions": {"user_ids": [w.alice.user_id]}}
+    bob = [await w.bob.send_text(w.room_id, f"{w.alice.user_id}: hi", **mention)]
+    bob += [await w.bob.send_text(w.room_id, f"bob {i}") for i in range(2)]
     charlie = [await w.charlie.send_text(w.room_id, f"charlie {i}") for i in range(2)]
     return bob, charlie
 
@@ -177,6 +180,7 @@ async def test_without_the_setting_the_homeserver_counts_what_it_counted(
     expected = 5 if w.target.mode == "no-ignore" else 2
     counts = await _counts(alice, w.room_id, expected)
     assert counts.get("notification_count") == expected, counts
+    assert counts.get("highlight_count") == (1 if w.target.mode == "no-ignore" else 0), counts
     notified = set(bob + charlie) if w.target.mode == "no-ignore" else set(charlie)
     assert await _notified(w.alice, bob + charlie) == notified
     # Through the proxy, /notifications never showed bob's.
