@@ -177,11 +177,7 @@ class Services:
         self._background: set[asyncio.Task[None]] = set()
         # `ignore.suppress_push`: the proxy's push rules, kept as each list is learned.
         self.push_rule_keeper = (
-            PushRuleKeeper(
-                client,
-                recheck_after=settings.ignore.list_ttl,
-                max_users=settings.ignore.list_cache_size,
-            )
+            PushRuleKeeper(client, max_users=settings.ignore.list_cache_size)
             if settings.ignore.suppress_push
             else None
         )

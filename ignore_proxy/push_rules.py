@@ -7,9 +7,10 @@ re-enables or deletes the proxy's override rules (`rewrite.push_rules`) until th
 one per ignored user, up to the cap. Each user's rules are brought in line by one task
 at a time; a list learned meanwhile is applied when it ends. A failure leaves the
 ignore itself working (the proxy filters as before) and is retried when the list is next
-learned, at the earliest `RETRY_AFTER` seconds later. When an `m.push_rules` event shows
-the proxy's rules out of line (one deleted or disabled around the proxy), `seen` makes
-the next learn bring them back.
+learned, at the earliest `RETRY_AFTER` seconds later; rules found in line are read again
+for an unchanged list after `RECHECK_AFTER`. When an `m.push_rules` event shows the
+proxy's rules out of line (one deleted or disabled around the proxy), `seen` makes the
+next learn bring them back.
 """
 
 from __future__ import annotations
@@ -54,6 +55,13 @@ RETRY_AFTER = 30.0
 # answer asked for before them shows the rules as they were. Rules seen out of line are
 # set right no sooner than this after the last time they were.
 MIN_INTERVAL = 5.0
+# Seconds before rules found in line are read again for an unchanged list. A change around
+# the proxy shows up sooner, in the `m.push_rules` of the user's next /sync; this covers
+# users who do not sync through it, at one `GET /pushrules/` an hour per active user.
+RECHECK_AFTER = 3600.0
+# Users whose rules are read or written at once; the others wait (a restart meets every
+# active user's first request at once).
+MAX_CONCURRENT = 8
 
 
 class PushRulesFailed(Exception):
@@ -199,13 +207,14 @@ class PushRuleKeeper:
         self,
         client: httpx.AsyncClient,
         *,
-        recheck_after: float,
         max_users: int,
+        recheck_after: float = RECHECK_AFTER,
         cap: int = MAX_RULES,
         timer: Callable[[], float] = time.monotonic,
     ) -> None:
         self._client = client
-        self._recheck_after = recheck_after  # the list's TTL: as often as it is read
+        self._recheck_after = recheck_after
+        self._slots = asyncio.Semaphore(MAX_CONCURRENT)
         self._cap = cap
         self._timer = timer
         self._kept: LRUCache[str, _Kept] = LRUCache(max_users)
@@ -254,15 +263,17 @@ class PushRuleKeeper:
     async def _run(self, user_id: str, run: _Run) -> None:
         try:
             while True:
-                creds, ignored = run.creds, run.ignored
-                started = self._timer()
-                try:
-                    changed = await reconcile(self._client, creds, user_id, ignored, self._cap)
-                except PushRulesFailed as exc:
-                    self.failures += 1
-                    log.warning("push rules not brought in line: %s", exc)
-                    self._kept[user_id] = _Kept(ignored, started + RETRY_AFTER, started)
-                    return
+                async with self._slots:
+                    # The latest list and credentials learned, also while this waited.
+                    creds, ignored = run.creds, run.ignored
+                    started = self._timer()
+                    try:
+                        changed = await reconcile(self._client, creds, user_id, ignored, self._cap)
+                    except PushRulesFailed as exc:
+                        self.failures += 1
+                        log.warning("push rules not brought in line: %s", exc)
+                        self._kept[user_id] = _Kept(ignored, started + RETRY_AFTER, started)
+                        return
                 self.changes += changed
                 self._kept[user_id] = _Kept(ignored, started + self._recheck_after, started)
                 if run.ignored == ignored:

@@ -270,7 +270,7 @@ async def test_the_keeper_caps_the_rules_and_keeps_those_held() -> None:
     store = RuleStore(hs)
     store.rules[ALICE] = [rule_of("@u9:hs")]
     client = httpx.AsyncClient(transport=httpx.MockTransport(store), base_url="http://hs")
-    keeper = PushRuleKeeper(client, recheck_after=300.0, max_users=10, cap=3)
+    keeper = PushRuleKeeper(client, max_users=10, cap=3)
     ignored = frozenset(f"@u{i}:hs" for i in range(10))
     task = keeper.learned(ALICE, Credentials("alice-token"), ignored)
     assert task is not None
@@ -290,7 +290,7 @@ async def test_a_stale_list_never_takes_back_a_rule_the_homeservers_list_still_w
     hs.ignore(ALICE, BOB)
     store.rules[ALICE] = [rule_of(BOB), rule_of(CHARLIE)]  # charlie un-ignored meanwhile
     client = httpx.AsyncClient(transport=httpx.MockTransport(hs), base_url="http://hs")
-    keeper = PushRuleKeeper(client, recheck_after=300.0, max_users=10)
+    keeper = PushRuleKeeper(client, max_users=10)
     task = keeper.learned(ALICE, Credentials("alice-token"), frozenset())
     assert task is not None
     await task
