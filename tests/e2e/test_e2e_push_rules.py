@@ -97,6 +97,13 @@ async def test_suppress_push_counts_and_notifies_without_ignored_users(
     ]
     assert held[0]["actions"] == [] and held[0]["enabled"] is True
     rule_id = held[0]["rule_id"]
+    # After .m.rule.master (which, switched on, silences everything anyway), before every
+    # other server-default override rule (a mention by bob must not highlight).
+    order = [
+        r["rule_id"] for r in (await direct.get_json(f"{CS}/pushrules/"))["global"]["override"]
+    ]
+    assert order[0] == ".m.rule.master" and order[1] == rule_id, order
+    assert all(r.startswith(".m.rule.") for r in order[2:]), order
     # ... and alice's clients do not see it, in any of the answers that show rules.
     assert _rules_about(await alice.get_json(f"{CS}/pushrules/"), w.bob.user_id) == []
     for path in ("pushrules/global/", "pushrules/global/override/"):
