@@ -192,12 +192,13 @@ class _Kept:
 
 
 class _Run:
-    __slots__ = ("creds", "ignored", "task")
+    __slots__ = ("again", "creds", "ignored", "task")
     task: asyncio.Task[None]
 
     def __init__(self, creds: Credentials, ignored: frozenset[str]) -> None:
         self.creds = creds
         self.ignored = ignored
+        self.again = False  # rules seen out of line meanwhile: read again soon
 
 
 class PushRuleKeeper:
@@ -245,11 +246,14 @@ class PushRuleKeeper:
         self, user_id: str, creds: Credentials, ignored: frozenset[str], owned: dict[str, object]
     ) -> None:
         """The proxy's override rules as an `m.push_rules` event showed them."""
-        if user_id in self._runs:
-            return  # a run in progress reads them itself
+        in_line = not plan_rules(ignored, owned, self._cap)
+        run = self._runs.get(user_id)
+        if run is not None:
+            run.again = run.again or not in_line  # it may have read them before
+            return
         now = self._timer()
         kept = self._kept.get(user_id)
-        if not plan_rules(ignored, owned, self._cap):
+        if in_line:
             if kept is None or kept.ignored != ignored:
                 self._kept[user_id] = _Kept(ignored, now + self._recheck_after, now)
             return
@@ -257,15 +261,13 @@ class PushRuleKeeper:
         self._kept[user_id] = _Kept(ignored, checked_at + MIN_INTERVAL, checked_at)
         self.learned(user_id, creds, ignored)
 
-    def forget(self, user_id: str) -> None:
-        self._kept.pop(user_id, None)
-
     async def _run(self, user_id: str, run: _Run) -> None:
         try:
             while True:
                 async with self._slots:
                     # The latest list and credentials learned, also while this waited.
                     creds, ignored = run.creds, run.ignored
+                    run.again = False
                     started = self._timer()
                     try:
                         changed = await reconcile(self._client, creds, user_id, ignored, self._cap)
@@ -275,7 +277,10 @@ class PushRuleKeeper:
                         self._kept[user_id] = _Kept(ignored, started + RETRY_AFTER, started)
                         return
                 self.changes += changed
-                self._kept[user_id] = _Kept(ignored, started + self._recheck_after, started)
+                # Seen out of line meanwhile (it may have read them before): the next
+                # learn after MIN_INTERVAL reads them again.
+                wait = MIN_INTERVAL if run.again else self._recheck_after
+                self._kept[user_id] = _Kept(ignored, started + wait, started)
                 if run.ignored == ignored:
                     return
         finally:

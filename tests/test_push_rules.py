@@ -296,3 +296,33 @@ async def test_a_stale_list_never_takes_back_a_rule_the_homeservers_list_still_w
     await task
     assert list(store.owned(ALICE)) == [rule_id_for(BOB)]
     await client.aclose()
+
+
+@pytest.mark.parametrize("seen_out_of_line", [True, False])
+async def test_rules_seen_out_of_line_during_a_run_are_read_again_soon(
+    hs: FakeHomeserver, store: RuleStore, seen_out_of_line: bool
+) -> None:
+    """A run may have read the rules before they changed around it: what an answer shows
+    meanwhile makes the next learn read them again (after MIN_INTERVAL, 0 here)."""
+    hs.ignore(ALICE, BOB)
+    gate = asyncio.Event()
+
+    async def slow(request: httpx.Request) -> httpx.Response:
+        await gate.wait()
+        return hs(request)
+
+    client = httpx.AsyncClient(transport=httpx.MockTransport(slow), base_url="http://hs")
+    keeper = PushRuleKeeper(client, max_users=10, timer=lambda: 100.0)
+    creds, ignored = Credentials("alice-token"), frozenset({BOB})
+    task = keeper.learned(ALICE, creds, ignored)
+    assert task is not None
+    await settle()  # its GET is on its way
+    keeper.seen(ALICE, creds, ignored, {} if seen_out_of_line else {rule_id_for(BOB): rule_of(BOB)})
+    gate.set()
+    await task
+    assert list(store.owned(ALICE)) == [rule_id_for(BOB)]
+    again = keeper.learned(ALICE, creds, ignored)
+    assert (again is not None) == seen_out_of_line
+    if again is not None:
+        await again
+    await client.aclose()

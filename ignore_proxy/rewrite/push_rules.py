@@ -55,6 +55,8 @@ PUSH_RULES_TYPE = "m.push_rules"
 # No action: the homeserver neither notifies nor counts (spec v1.7; `dont_notify` is the
 # older spelling of the same, which newer homeservers ignore).
 ACTIONS: list[Any] = []
+# What a homeserver may store the actions as (the older spelling).
+_NOT_NOTIFYING = (ACTIONS, ["dont_notify"])
 # Rules kept per user. Each one is evaluated by the homeserver for every event in every
 # room of the user until one matches (override rules come first), so a rule costs every
 # event the user could see; on Conduit and continuwuity all rules also live in one
@@ -97,7 +99,7 @@ def _intact(rule: object, user_id: str) -> bool:
     return (
         isinstance(rule, dict)
         and rule.get("conditions") == conditions_for(user_id)
-        and rule.get("actions") == ACTIONS
+        and rule.get("actions") in _NOT_NOTIFYING
     )
 
 
