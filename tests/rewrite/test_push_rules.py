@@ -74,6 +74,8 @@ def test_plan_puts_missing_rules_and_deletes_those_for_nobody_ignored() -> None:
     assert plan.delete == (rule_id_for(DAVE),)
     assert plan.enable == () and plan.over_cap == 0
     assert not plan_rules({BOB}, {rule_id_for(BOB): rule(BOB)})
+    # A homeserver that stores the older spelling of "no action" holds it as it should be.
+    assert not plan_rules({BOB}, {rule_id_for(BOB): rule(BOB, actions=["dont_notify"])})
 
 
 def test_plan_sets_right_rules_changed_or_disabled_around_the_proxy() -> None:
