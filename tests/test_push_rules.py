@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import asyncio
 import json
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 from urllib.parse import unquote
 
@@ -105,9 +105,13 @@ def rule_of(user: str) -> dict[str, Any]:
             "conditions": conditions_for(user), "actions": []}  # fmt: skip
 
 
-async def settle() -> None:
-    for _ in range(20):
-        await asyncio.sleep(0)
+async def eventually(holds: Callable[[], bool]) -> bool:
+    """Whether `holds()` comes true within 5 s of the keeper's background work."""
+    for _ in range(500):
+        if holds():
+            return True
+        await asyncio.sleep(0.01)
+    return holds()
 
 
 async def test_an_ignore_puts_a_rule_before_it_answers_and_an_unignore_deletes_it(
@@ -158,10 +162,16 @@ async def test_a_failed_put_leaves_the_ignore_working_and_is_tried_again(
         assert store.owned(ALICE) == {}
         sync = await alice.get(f"{CS}/sync")
         assert sync.json()["rooms"]["join"][ROOM]["timeline"]["events"] == []
+        # The sync learned the same list: tried again (and failed) in the background.
+        keeper = app.proxy.services.push_rule_keeper
+        assert keeper is not None
+        assert await eventually(lambda: keeper.failures == 2)
         store.failing = False
-        await alice.get(f"{CS}/sync")  # learns the same list: tried again
-        await settle()
-        assert list(store.owned(ALICE)) == [rule_id_for(BOB)]
+        await alice.get(f"{CS}/sync")
+        assert await eventually(lambda: list(store.owned(ALICE)) == [rule_id_for(BOB)]), (
+            store.writes,
+            [str(r.url) for r in hs.requests],
+        )
 
 
 async def test_clients_never_see_the_proxys_rules(hs: FakeHomeserver, store: RuleStore) -> None:
@@ -235,13 +245,14 @@ async def test_a_rule_removed_around_the_proxy_is_put_back_when_a_sync_shows_it(
         assert NAMESPACE not in got.text and ".m.rule.master" in got.text
         store.rules[ALICE] = []  # deleted straight at the homeserver
         await alice.get(f"{CS}/sync")
-        await settle()
-        assert list(store.owned(ALICE)) == [rule_id_for(BOB)]
+        assert await eventually(lambda: list(store.owned(ALICE)) == [rule_id_for(BOB)]), (
+            store.writes,
+            [str(r.url) for r in hs.requests],
+        )
         store.rules[ALICE][0]["enabled"] = False  # disabled there
         await alice.get(f"{CS}/pushrules/")
         await alice.get(f"{CS}/pushrules/")
-        await settle()
-        assert store.rules[ALICE][0]["enabled"] is True
+        assert await eventually(lambda: store.rules[ALICE][0]["enabled"] is True)
 
 
 @pytest.mark.parametrize(
@@ -306,8 +317,10 @@ async def test_rules_seen_out_of_line_during_a_run_are_read_again_soon(
     meanwhile makes the next learn read them again (after MIN_INTERVAL, 0 here)."""
     hs.ignore(ALICE, BOB)
     gate = asyncio.Event()
+    asked: list[httpx.Request] = []
 
     async def slow(request: httpx.Request) -> httpx.Response:
+        asked.append(request)
         await gate.wait()
         return hs(request)
 
@@ -316,7 +329,7 @@ async def test_rules_seen_out_of_line_during_a_run_are_read_again_soon(
     creds, ignored = Credentials("alice-token"), frozenset({BOB})
     task = keeper.learned(ALICE, creds, ignored)
     assert task is not None
-    await settle()  # its GET is on its way
+    assert await eventually(lambda: len(asked) == 1)  # its GET is on its way
     keeper.seen(ALICE, creds, ignored, {} if seen_out_of_line else {rule_id_for(BOB): rule_of(BOB)})
     gate.set()
     await task
