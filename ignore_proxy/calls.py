@@ -23,6 +23,7 @@ from .ignore_lists import IgnoreListStore, IgnoreListUnavailable
 from .logs import request_id_of
 from .metrics import PASSTHROUGH, Metrics
 from .pool import RawHeaders, UpstreamError
+from .push_rules import PushRuleKeeper
 from .replies import Json, MatrixError, error_body, upstream_failure
 from .upstream import UpstreamResponse
 
@@ -127,6 +128,7 @@ class Call:
     event_fields: tuple[str, ...] | None = None  # the client's, applied to the answer
     poll_ms: int | None = None  # a long-poll's timeout given in the body (MSC4186)
     asked_at: float = 0.0  # when it went upstream (the ignore-list store's clock)
+    raw_path: bytes = b""  # as forwarded
 
     @property
     def route_name(self) -> str:
@@ -176,6 +178,12 @@ class Services:
             maxsize=100_000
         )
         self._background: set[asyncio.Task[None]] = set()
+        # `ignore.suppress_push`: the proxy's push rules, kept as each list is learned.
+        self.push_rule_keeper = (
+            PushRuleKeeper(client, max_users=settings.ignore.list_cache_size)
+            if settings.ignore.suppress_push
+            else None
+        )
 
     # -- who asks, and whom they ignore ------------------------------------------------------
 
@@ -212,7 +220,32 @@ class Services:
         if not self.ignore_lists.known(user_id):
             assert call.creds is not None
             await self._load_list(user_id, call.creds)
+        self.keep_push_rules(call, user_id)
         return self.ignore_lists.current(user_id)
+
+    def keep_push_rules(self, call: Call, user_id: str) -> asyncio.Task[None] | None:
+        """With `ignore.suppress_push`, the user's push rules brought in line with the
+        list the proxy knows (a task, if anything is due; see push_rules.py)."""
+        if (
+            self.push_rule_keeper is None
+            or call.creds is None
+            or not self.ignore_lists.known(user_id)
+        ):
+            return None
+        return self.push_rule_keeper.learned(
+            user_id, call.creds, self.ignore_lists.current(user_id)
+        )
+
+    def push_rules_seen(self, call: Call, user_id: str, owned: dict[str, object]) -> None:
+        """An answer showed the user's whole ruleset: `owned` is what it held of the
+        proxy's override rules (one deleted or disabled around the proxy is put back)."""
+        if (
+            self.push_rule_keeper is None
+            or call.creds is None
+            or not self.ignore_lists.known(user_id)
+        ):
+            return
+        self.push_rule_keeper.seen(user_id, call.creds, self.ignore_lists.current(user_id), owned)
 
     def list_unavailable(self) -> MatrixError:
         self.metrics.list_unavailable.inc()
@@ -274,16 +307,18 @@ class Services:
         limit: int | None = None,
         *,
         empty_ok: bool = False,
+        array_ok: bool = False,
     ) -> bytes:
-        """The whole answer, decoded, if it is a UTF-8 JSON object of at most `limit`
-        bytes (or, `empty_ok`, nothing at all); else a 502: the proxy never passes what
-        it could not read."""
+        """The whole answer, decoded, if it is a UTF-8 JSON object (or, `array_ok`,
+        array) of at most `limit` bytes (or, `empty_ok`, nothing at all); else a 502: the
+        proxy never passes what it could not read."""
         try:
             body = await read_body(response, limit or self.settings.limits.max_rewrite_body)
             if empty_ok and not body.strip(b" \t\r\n"):
                 return body
             check_utf8_json(response.headers, body)
-            if not body.lstrip(b" \t\r\n").startswith(b"{"):
+            first = body.lstrip(b" \t\r\n")[:1]
+            if not first or first not in (b"{[" if array_ok else b"{"):
                 # Every answer the proxy reads is a JSON object; anything else (a
                 # compressed body without its header, say) it cannot judge.
                 raise UnreadableBody("not a JSON object")

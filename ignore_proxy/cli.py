@@ -1,5 +1,6 @@
 """The command line: `ignore-proxy [serve] --upstream URL --listen HOST:PORT [--config FILE]`,
-`ignore-proxy check-config` and `ignore-proxy healthcheck` (exit 0 or 1, for Docker).
+`ignore-proxy check-config`, `ignore-proxy healthcheck` (exit 0 or 1, for Docker) and
+`ignore-proxy push-rules --user USER [--remove]` (the proxy's push rules of a user).
 
 Each failure is one line on stderr and one exit status (`startup.EXIT_*`)."""
 
@@ -13,6 +14,7 @@ from collections.abc import Sequence
 
 from . import __version__
 from .config import (
+    ACCESS_TOKEN_ENV,
     DEFAULT_LISTEN,
     ENV_PREFIX,
     ConfigError,
@@ -31,7 +33,7 @@ from .startup import (
     noted_listen,
 )
 
-COMMANDS = ("serve", "check-config", "healthcheck")
+COMMANDS = ("serve", "check-config", "healthcheck", "push-rules")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +48,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--upstream", metavar="URL", help="homeserver base URL")
     parser.add_argument("--listen", metavar="HOST:PORT", help="address to serve on")
     parser.add_argument("--workers", metavar="N", help="processes serving the address (default 1)")
+    parser.add_argument("--user", metavar="USER_ID", help="push-rules: whose rules")
+    parser.add_argument("--remove", action="store_true", help="push-rules: delete them all")
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
     return parser
 
@@ -67,6 +71,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         return EXIT_OK
     if args.command == "healthcheck":
         return healthcheck(settings, listen_given=args.listen is not None)
+    if args.command == "push-rules":
+        return push_rules(settings, args.user, remove=args.remove)
     note = note_listen(_configured_listen(args.config), settings.listen) if args.listen else None
     try:
         if settings.workers > 1:
@@ -82,6 +88,29 @@ def main(argv: Sequence[str] | None = None) -> int:
     finally:
         forget_listen(note, settings.listen)
     return EXIT_OK
+
+
+def push_rules(settings: Settings, user_id: str | None, *, remove: bool) -> int:
+    """The proxy's push rules of one user, listed or removed, with the user's access token
+    (or an appservice's) from IGNORE_PROXY_ACCESS_TOKEN or standard input: never a flag,
+    which process lists and shell histories would show."""
+    import asyncio
+    import os
+
+    from .push_rules import push_rules_command
+
+    if not user_id:
+        print("ignore-proxy: push-rules needs --user USER_ID", file=sys.stderr)
+        return EXIT_CONFIG
+    token = os.environ.get(ACCESS_TOKEN_ENV) or (
+        sys.stdin.readline() if not sys.stdin.isatty() else ""
+    )
+    token = token.strip()
+    if not token:
+        print(f"ignore-proxy: push-rules reads the access token from {ACCESS_TOKEN_ENV} or "
+              "standard input", file=sys.stderr)  # fmt: skip
+        return EXIT_CONFIG
+    return asyncio.run(push_rules_command(settings.upstream, user_id, token, remove=remove))
 
 
 def _configured_listen(config_file: str | None) -> str:

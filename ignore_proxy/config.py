@@ -23,6 +23,8 @@ import msgspec
 
 ENV_PREFIX = "IGNORE_PROXY_"
 CONFIG_ENV = ENV_PREFIX + "CONFIG"
+# `ignore-proxy push-rules` reads a user's access token here (never from a flag).
+ACCESS_TOKEN_ENV = ENV_PREFIX + "ACCESS_TOKEN"
 DEFAULT_UPSTREAM = "http://127.0.0.1:8008"
 DEFAULT_LISTEN = "127.0.0.1:8010"
 
@@ -81,6 +83,9 @@ class Ignore(_Section, frozen=True):
     # When a user's list cannot be learned and none is known: "refuse" answers 503,
     # "pass" serves the response unfiltered.
     on_unavailable: Literal["refuse", "pass"] = "refuse"
+    # Keep a non-notifying push rule per ignored user at the homeserver (README, "Push
+    # notifications and unread counts"), hidden from the user's clients.
+    suppress_push: bool = False
 
 
 class Logging(_Section, frozen=True):
@@ -142,7 +147,7 @@ def all_keys() -> list[tuple[str, ...]]:
 
 def environment_names() -> frozenset[str]:
     """Every `IGNORE_PROXY_*` variable the program reads."""
-    return frozenset([CONFIG_ENV, *(env_name(*key) for key in all_keys())])
+    return frozenset([CONFIG_ENV, ACCESS_TOKEN_ENV, *(env_name(*key) for key in all_keys())])
 
 
 def parse_host_port(value: str) -> tuple[str, int]:

@@ -10,6 +10,8 @@
 - `SingleEvent`: a `FilteredRead` about one event (`SENDER_IGNORED`).
 - `Relations`: a `SingleEvent` whose event is named in the path, looked up first.
 - `TimestampToEvent`: answers the nearest event that is not an ignored user's.
+- `PushRules`: (`ignore.suppress_push`) keeps the proxy's push rules out of clients' sight
+  and reach.
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import asyncio
 import contextlib
 import re
 from collections.abc import Callable
-from typing import Literal
-from urllib.parse import parse_qsl
+from typing import Any, Literal
+from urllib.parse import parse_qsl, unquote_to_bytes
 
 import msgspec
 
@@ -28,13 +30,19 @@ from .calls import Call, ListUnavailable, Services, lookup_failed
 from .identity import IdentityUnavailable
 from .ignore_lists import PutRejection, validate_put_body
 from .replies import Json, MatrixError, Relay, Reply, Rewritten
+from .rewrite.raw import decode_value
 from .upstream import UpstreamResponse
 
 AccountDataReader = Callable[[bytes], frozenset[str] | None]
+PushRulesReader = Callable[[bytes], rewrite.SeenRules | None]
 FilterKind = Literal["query", "query_or_stored", "search_body"]
 
 # Searched for like a user ID: escapes in the body can spell it too.
 _IGNORE_LIST_TYPE = frozenset({"m.ignored_user_list"})
+_PUSH_RULES_TYPE = frozenset({"m.push_rules"})
+# How long an ignore-list write waits for the push rules to follow it before it answers
+# (they follow later if need be): messages right after the write are then not counted.
+_PUSH_RULES_WAIT = 5.0
 _ERROR_BODY_LIMIT = 64 * 1024
 _EVENT_ID = re.compile(rb'"event_id"')
 _UNJUDGED_ERROR = "The homeserver's error answer held events the proxy could not judge"
@@ -139,6 +147,9 @@ class IgnoreListWrite(Handler):
             # path says) may have changed the sender's list: read it again.
             if user_id == call.found.params["user_id"]:
                 svc.ignore_lists.set(user_id, call.new_list)
+                keeping = svc.keep_push_rules(call, user_id)
+                if keeping is not None:
+                    await asyncio.wait({keeping}, timeout=_PUSH_RULES_WAIT)
             else:
                 svc.ignore_lists.invalidate(user_id)
         return Relay(response)
@@ -158,6 +169,7 @@ class FilteredRead(Handler):
         account_data: AccountDataReader | None = None,
         filter: FilterKind | None = None,
         timeout_in_body: bool = False,
+        push_rules: PushRulesReader | None = None,
     ) -> None:
         self.rewriter = rewriter
         # Learns the ignore list from the account data the answer carries (sync).
@@ -166,6 +178,8 @@ class FilteredRead(Handler):
         self.filter = filter
         # MSC4186 sends `timeout` (a long-poll's milliseconds) in the request body.
         self.timeout_in_body = timeout_in_body
+        # Takes the proxy's push rules out of the `m.push_rules` account data it carries.
+        self.push_rules = push_rules
 
     async def prepare(self, svc: Services, call: Call) -> None:
         if self.filter is not None:
@@ -204,11 +218,27 @@ class FilteredRead(Handler):
                 seen = self.account_data(body)
                 if seen is not None:
                     svc.ignore_lists.set(user_id, seen, asked_at=call.asked_at)
+        if self.push_rules is not None and svc.push_rule_keeper is not None:
+            body = self.hide_push_rules(svc, call, user_id, body)
         try:
             ignored = await svc.list_now(call, user_id)
         except ListUnavailable:
             return self.list_unavailable(svc, response, body)
         return await self.answer(svc, call, response, body, user_id, ignored)
+
+    def hide_push_rules(self, svc: Services, call: Call, user_id: str, body: bytes) -> bytes:
+        """`body` without the proxy's push rules; what it held of them is reported."""
+        assert self.push_rules is not None
+        if not rewrite.mentions_any(body, _PUSH_RULES_TYPE):
+            return body
+        try:
+            seen = self.push_rules(body)
+        except rewrite.InvalidBody:
+            raise MatrixError(502, "M_UNKNOWN", "The homeserver sent a malformed answer") from None
+        if seen is None:
+            return body
+        svc.push_rules_seen(call, user_id, seen.owned)
+        return body if seen.body is None else seen.body
 
     async def respond_error(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
         body = await svc.read_answer(call, response, _ERROR_BODY_LIMIT, empty_ok=True)
@@ -359,6 +389,65 @@ class TimestampToEvent(FilteredRead):
         return Rewritten(response, found)
 
 
+_RESERVED = "Push rule IDs starting with org.ignore_proxy. are reserved for the ignore proxy"
+
+
+class PushRules(Handler):
+    """`/pushrules/...` and the `m.push_rules` account data (`ignore.suppress_push`):
+    every answer is read whole and the proxy's rules are taken out wherever they are a
+    list's item; a request naming one of them (`names_rules`: its path or query holds
+    the namespace, in any spelling) is refused: a read with 404, a write with 400."""
+
+    needs_identity = True
+    reads_answer = True
+
+    def __init__(self, *, names_rules: bool) -> None:
+        self.names_rules = names_rules
+
+    async def prepare(self, svc: Services, call: Call) -> None:
+        if self.names_rules and rewrite.names_owned(
+            _decoded(call.raw_path) + "?" + _decoded(call.query.replace(b"+", b" "))
+        ):
+            if call.found.route.method == "GET":
+                raise MatrixError(404, "M_NOT_FOUND", "Unknown push rule")
+            raise MatrixError(400, "M_INVALID_PARAM", _RESERVED)
+        if call.found.route.method == "GET":
+            svc.start_user_and_list(call, load_list=True)
+
+    async def respond(self, svc: Services, call: Call, response: UpstreamResponse) -> Reply:
+        status = response.status_code
+        if call.found.route.method != "GET":
+            return Relay(response)  # `{}`: it cannot have touched the proxy's rules
+        if 300 <= status < 400:
+            raise MatrixError(502, "M_UNKNOWN", "The homeserver answered with a redirect")
+        body = await svc.read_answer(
+            call, response, _ERROR_BODY_LIMIT if status >= 400 else None,
+            empty_ok=status >= 400 or status == 204, array_ok=True,
+        )  # fmt: skip
+        if not body.strip(b" \t\r\n"):
+            return Rewritten(response, body)
+        decoded: Any = decode_value(body)
+        if decoded is None:
+            raise MatrixError(502, "M_UNKNOWN", "The homeserver sent a malformed answer")
+        try:
+            hidden, removed = rewrite.hide_owned(decoded)
+            new_body = msgspec.json.encode(hidden) if removed else body
+        except (rewrite.OwnedRuleLeft, UnicodeEncodeError, msgspec.EncodeError):
+            raise MatrixError(502, "M_UNKNOWN", "The homeserver's push rules could not be "
+                              "read") from None  # fmt: skip
+        whole = _succeeded(status) and isinstance(decoded, dict) and "global" in decoded
+        if whole and call.user_lookup is not None:
+            # The whole ruleset: the proxy's rules as the homeserver holds them.
+            with contextlib.suppress(ListUnavailable):
+                user_id = await call.user_lookup
+                svc.push_rules_seen(call, user_id, rewrite.owned_overrides(decoded))
+        return Rewritten(response, new_body)
+
+
+def _decoded(raw: bytes) -> str:
+    return unquote_to_bytes(raw).decode("utf-8", "replace")
+
+
 __all__ = [
     "RELAY",
     "FilteredRead",
@@ -366,6 +455,7 @@ __all__ = [
     "Handler",
     "IgnoreListWrite",
     "Json",
+    "PushRules",
     "Relations",
     "SingleEvent",
     "TimestampToEvent",

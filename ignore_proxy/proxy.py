@@ -131,7 +131,7 @@ class Proxy:
         headers = forwardable(scope["headers"], REQUEST_ONLY)
         body = None if exchange.body_done.is_set() else exchange.body_chunks()
         try:
-            found = match(method, raw_path)
+            found = match(method, raw_path, push_rules=self.settings.ignore.suppress_push)
         except AmbiguousPath:
             raise MatrixError(400, "M_UNRECOGNIZED", "Unrecognized request: homeservers "
                               "could read this path as different endpoints") from None  # fmt: skip
@@ -143,7 +143,7 @@ class Proxy:
             return Relay(response)
         handler: Handler = found.route.handler
         exchange.route = found.route.name
-        call = Call(exchange, found, query, headers, body)
+        call = Call(exchange, found, query, headers, body, raw_path=raw_path)
         calls.append(call)
         if handler.needs_identity:
             try:

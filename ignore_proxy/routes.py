@@ -49,6 +49,7 @@ from .handlers import (
     ForgetsIdentity,
     Handler,
     IgnoreListWrite,
+    PushRules,
     Relations,
     SingleEvent,
     TimestampToEvent,
@@ -65,6 +66,8 @@ class Route:
     handler: Handler
     # Synapse's pattern for it has no `$`: it serves the path with anything after it.
     open_ended: bool = False
+    # The path and every path under it, in every reading (the handler reads the rest).
+    subtree: bool = False
     segments: tuple[str, ...] = field(init=False)
 
     def __post_init__(self) -> None:
@@ -80,9 +83,11 @@ _IGNORE_LIST = IgnoreListWrite()
 
 ROUTES: tuple[Route, ...] = (
     Route("sync", "GET", "sync", _events(rewrite.rewrite_sync,
-          account_data=rewrite.ignored_users_from_sync, filter="query_or_stored")),
+          account_data=rewrite.ignored_users_from_sync, filter="query_or_stored",
+          push_rules=rewrite.hide_in_sync)),
     Route("sliding_sync", "POST", "sync", _events(rewrite.rewrite_sliding_sync,
-          account_data=rewrite.ignored_users_from_sliding_sync, timeout_in_body=True)),
+          account_data=rewrite.ignored_users_from_sliding_sync, timeout_in_body=True,
+          push_rules=rewrite.hide_in_sliding_sync)),
     Route("messages", "GET", "rooms/{room_id}/messages",
           _events(rewrite.rewrite_messages, filter="query")),
     Route("context", "GET", "rooms/{room_id}/context/{event_id}",
@@ -104,7 +109,8 @@ ROUTES: tuple[Route, ...] = (
     Route("event_relationships", "POST", "event_relationships",
           _events(rewrite.rewrite_event_relationships)),
     Route("notifications", "GET", "notifications", _events(rewrite.rewrite_notifications)),
-    Route("initial_sync", "GET", "initialSync", _events(rewrite.rewrite_initial_sync)),
+    Route("initial_sync", "GET", "initialSync", _events(rewrite.rewrite_initial_sync,
+          push_rules=rewrite.hide_in_initial_sync)),
     Route("room_initial_sync", "GET", "rooms/{room_id}/initialSync",
           _events(rewrite.rewrite_room_initial_sync)),
     Route("timestamp_to_event", "GET", "rooms/{room_id}/timestamp_to_event",
@@ -120,6 +126,20 @@ ROUTES: tuple[Route, ...] = (
     Route("devices", "POST", "delete_devices", _EVICTS_USER, open_ended=True),
     Route("password", "POST", "account/password", _EVICTS_USER),
     Route("refresh", "POST", "refresh", _EVICTS_TOKEN),
+)  # fmt: skip
+
+# With `ignore.suppress_push` only: the proxy's push rules are kept out of what clients
+# read and write. Synapse serves `pushrules/.*` (anything under it, `%2F` decoded before
+# it splits); the others serve `pushrules/`, `global/`, a kind, a rule and its
+# `enabled`/`actions`. Answers are judged by their shape, not by the rest of the path.
+_PUSH_RULES, _PUSH_RULES_CONTENT = PushRules(names_rules=True), PushRules(names_rules=False)
+PUSH_RULE_ROUTES: tuple[Route, ...] = (
+    Route("push_rules", "GET", "pushrules", _PUSH_RULES, subtree=True),
+    Route("push_rules", "PUT", "pushrules", _PUSH_RULES, subtree=True),
+    Route("push_rules", "DELETE", "pushrules", _PUSH_RULES, subtree=True),
+    # Synapse and Conduit serve the ruleset as global account data too.
+    Route("push_rules", "GET", "user/{user_id}/account_data/{type=m.push_rules}",
+          _PUSH_RULES_CONTENT, open_ended=True),
 )  # fmt: skip
 
 
@@ -142,24 +162,28 @@ def _index(routes: tuple[Route, ...]) -> dict[str, tuple[Route, ...]]:
 
 
 _BY_METHOD = _index(ROUTES)
+_BY_METHOD_WITH_PUSH_RULES = _index(ROUTES + PUSH_RULE_ROUTES)
 
 
 # Recent answers of `match`, by (method, raw path): the same paths come again and again
 # (`/sync`, `/pushrules/`, a room's `/messages`), and matching costs more than a lookup.
-_MATCHED: dict[tuple[str, bytes], RouteMatch | type[AmbiguousPath] | None] = {}
+_MATCHED: dict[tuple[str, bytes, bool], RouteMatch | type[AmbiguousPath] | None] = {}
 _MATCHED_MAX = 4096
 _MATCHED_PATH_MAX = 512
 
 
-def match(method: str, raw_path: bytes) -> RouteMatch | None:
-    """The route for a request, or None when the proxy has nothing to do with it.
+def match(method: str, raw_path: bytes, *, push_rules: bool = False) -> RouteMatch | None:
+    """The route for a request, or None when the proxy has nothing to do with it;
+    `push_rules`: with `PUSH_RULE_ROUTES`.
 
     Raises `AmbiguousPath` when the readings of the path disagree (module docstring)."""
-    key = (method, raw_path)
+    key = (method, raw_path, push_rules)
     found = _MATCHED.get(key, _MATCHED)
     if found is _MATCHED:
         try:
-            found = _match(method, raw_path)
+            found = _match(
+                method, raw_path, _BY_METHOD_WITH_PUSH_RULES if push_rules else _BY_METHOD
+            )
         except AmbiguousPath:
             found = AmbiguousPath
         if len(raw_path) <= _MATCHED_PATH_MAX:
@@ -171,12 +195,14 @@ def match(method: str, raw_path: bytes) -> RouteMatch | None:
     return found  # type: ignore[return-value]
 
 
-def _match(method: str, raw_path: bytes) -> RouteMatch | None:
+def _match(
+    method: str, raw_path: bytes, by_method: dict[str, tuple[Route, ...]]
+) -> RouteMatch | None:
     if b"client" not in raw_path.lower() and b"%" not in raw_path:
         return None  # the common fast case: media, federation, admin, well-known
     if method == "HEAD":
         return None  # no body, nothing to filter: relayed as it is
-    routes = _BY_METHOD.get(method, ())
+    routes = by_method.get(method, ())
     if not routes:
         return None
     raw = raw_path.decode("latin-1").split("/")
@@ -259,7 +285,7 @@ def _match_segments(
 ) -> dict[str, str] | None:
     pattern = route.segments
     if len(segments) != len(pattern) and not (
-        open_ended and route.open_ended and len(segments) > len(pattern)
+        (route.subtree or (open_ended and route.open_ended)) and len(segments) > len(pattern)
     ):
         return None
     params: dict[str, str] = {}

@@ -24,6 +24,7 @@ def cli(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedPr
     return subprocess.run(
         [sys.executable, "-m", "ignore_proxy", *args],
         capture_output=True,
+        stdin=subprocess.DEVNULL,
         text=True,
         timeout=30,
         env={**clean, **(env or {})},
@@ -169,3 +170,21 @@ def test_healthcheck_finds_a_server_its_flag_moved(tmp_path: Path) -> None:
             assert process.wait(timeout=10) == 0
     assert cli("healthcheck", env=env).returncode == 1  # the note went with the server
     assert not list(tmp_path.iterdir())
+
+
+def test_push_rules_needs_a_user_and_a_token_never_on_the_command_line() -> None:
+    result = cli("push-rules", "--remove")
+    assert result.returncode == 2 and "--user" in result.stderr
+    result = cli("push-rules", "--remove", "--user", "@alice:hs")  # empty standard input
+    assert result.returncode == 2 and "IGNORE_PROXY_ACCESS_TOKEN" in result.stderr
+    result = cli("push-rules", "--user", "@alice:hs", "--token", "secret")
+    assert result.returncode == 2 and "unrecognized arguments" in result.stderr
+
+
+def test_push_rules_reports_an_unreachable_homeserver() -> None:
+    result = cli(
+        "push-rules", "--user", "@alice:hs", "--upstream", f"http://127.0.0.1:{free_port()}",
+        env={"IGNORE_PROXY_ACCESS_TOKEN": "secret"},
+    )  # fmt: skip
+    assert result.returncode == 1 and "whoami" in result.stderr
+    assert "secret" not in result.stdout + result.stderr

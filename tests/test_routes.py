@@ -83,3 +83,41 @@ def test_matching_is_cached_per_method_and_path() -> None:
         match("GET", f"{CS}/rooms/!cache:hs/messages/".encode())
     with pytest.raises(AmbiguousPath):  # an ambiguous answer is cached as one too
         match("GET", f"{CS}/rooms/!cache:hs/messages/".encode())
+
+
+PUSH_RULES: tuple[str, dict[str, str]] = ("push_rules", {})
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "expected"),
+    [
+        ("GET", f"{CS}/pushrules/", PUSH_RULES),
+        ("GET", "/_matrix/client/r0/pushrules/global/", PUSH_RULES),
+        ("GET", f"{CS}/pushrules/global/override/", PUSH_RULES),
+        ("PUT", f"{CS}/pushrules/global/override/mine", PUSH_RULES),
+        ("PUT", f"{CS}/pushrules/global/override/mine/enabled", PUSH_RULES),
+        ("DELETE", f"{CS}/pushrules/global/content/mine", PUSH_RULES),
+        # Synapse splits the rule's path after decoding it: the handler reads the rest.
+        ("DELETE", f"{CS}/pushrules/global/override/a%2Fenabled", PUSH_RULES),
+        ("GET", f"{CS}/user/@a:hs/account_data/m.push_rules",
+         ("push_rules", {"user_id": "@a:hs", "type": "m.push_rules"})),
+        ("POST", f"{CS}/pushrules/global/override/mine", None),
+        ("GET", f"{CS}/pushrulesX/", None),
+        # A reading that leaves the subtree, or finds it in another spelling.
+        ("GET", f"{CS}/pushrules/../sync", AMBIGUOUS),
+        ("GET", f"{CS}/PushRules/", AMBIGUOUS),
+        ("PUT", f"{CS}/x/../pushrules/global/override/mine", AMBIGUOUS),
+        # The table without them is unchanged.
+        ("GET", f"{CS}/sync", ("sync", {})),
+    ],
+)  # fmt: skip
+def test_push_rule_routes_with_suppress_push(method: str, path: str, expected: object) -> None:
+    try:
+        found = match(method, path.encode(), push_rules=True)
+    except AmbiguousPath:
+        got: object = AMBIGUOUS
+    else:
+        got = None if found is None else (found.route.name, found.params)
+    assert got == expected
+    if expected == PUSH_RULES:
+        assert match(method, path.encode()) is None  # the setting off: relayed as before

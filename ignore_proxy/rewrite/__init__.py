@@ -15,6 +15,16 @@ from .account_data import (
 from .errors import SENDER_IGNORED_CODES, UpstreamSenderIgnored, normalise_sender_ignored
 from .guard import Guarded, IgnoredEventLeft, guard_body, remove_ignored_events, rewrite_guarded
 from .notifications import rewrite_notifications
+from .push_rules import (
+    OwnedRuleLeft,
+    SeenRules,
+    hide_in_initial_sync,
+    hide_in_sliding_sync,
+    hide_in_sync,
+    hide_owned,
+    names_owned,
+    owned_overrides,
+)
 from .rooms import (
     rewrite_context,
     rewrite_event_relationships,
@@ -41,8 +51,10 @@ __all__ = [
     "IgnoreContext",
     "IgnoredEventLeft",
     "InvalidBody",
+    "OwnedRuleLeft",
     "Rewriter",
     "Rewritten",
+    "SeenRules",
     "SenderIgnored",
     "StaleThread",
     "ThreadCount",
@@ -51,12 +63,18 @@ __all__ = [
     "apply_thread_counts",
     "find_thread_counts",
     "guard_body",
+    "hide_in_initial_sync",
+    "hide_in_sliding_sync",
+    "hide_in_sync",
+    "hide_owned",
     "ignored_users_from_content",
     "ignored_users_from_sliding_sync",
     "ignored_users_from_sync",
     "latest_and_count",
     "mentions_any",
+    "names_owned",
     "normalise_sender_ignored",
+    "owned_overrides",
     "remove_ignored_events",
     "rewrite_context",
     "rewrite_event_relationships",

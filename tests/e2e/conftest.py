@@ -44,6 +44,7 @@ class Stack:
         self._proxies: dict[Mode, ProxyServer] = {}
         self._nginx: dict[tuple[Mode, str], NginxServer] = {}
         self._rejecting: dict[Mode, ProxyServer] = {}
+        self._suppressing: dict[Mode, ProxyServer] = {}
 
     def synapse(self, mode: Mode) -> SynapseServer:
         if mode not in self._synapses:
@@ -70,6 +71,17 @@ class Stack:
             )
         return self._rejecting[mode]
 
+    def suppressing_proxy(self, mode: Mode) -> ProxyServer:
+        """A proxy in front of the homeserver with ``ignore.suppress_push`` switched on."""
+        if mode not in self._suppressing:
+            upstream = self.synapse(mode).url
+            self._suppressing[mode] = start_proxy(
+                self.root / f"proxy-{mode}-suppress-push",
+                upstream,
+                {"IGNORE_PROXY_IGNORE_SUPPRESS_PUSH": "true"},
+            )
+        return self._suppressing[mode]
+
     def nginx(self, mode: Mode, shipped: str) -> NginxServer:
         key = (mode, shipped)
         if key not in self._nginx:
@@ -88,7 +100,13 @@ class Stack:
 
     def stop(self) -> None:
         # Front to back, so nothing logs errors about a vanished upstream longer than needed.
-        for servers in (self._nginx, self._proxies, self._rejecting, self._synapses):
+        for servers in (
+            self._nginx,
+            self._proxies,
+            self._rejecting,
+            self._suppressing,
+            self._synapses,
+        ):
             for server in servers.values():
                 server.stop()
             servers.clear()
