@@ -13,6 +13,7 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .calls import Services
+from .cluster import ClusterChannel
 from .config import Settings
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
@@ -43,8 +44,14 @@ class IgnoreProxyApp:
         self.ignore_lists = IgnoreListStore(
             self.client, ttl=settings.ignore.list_ttl, max_users=settings.ignore.list_cache_size
         )
+        # Other instances in front of the same homeserver, told of list changes (Redis).
+        self.cluster = (
+            ClusterChannel(settings.cluster, self.ignore_lists)
+            if settings.cluster.redis_url
+            else None
+        )
         self.metrics = Metrics()
-        self.metrics.watch_caches(self.identity, self.ignore_lists)
+        self.metrics.watch_caches(self.identity, self.ignore_lists, self.cluster)
         services = Services(settings, self.client, self.identity, self.ignore_lists, self.metrics)
         self.pool = pool
         self.proxy = Proxy(settings, pool, services)
@@ -64,9 +71,13 @@ class IgnoreProxyApp:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self.cluster is not None:
+            await self.cluster.start()
         try:
             yield
         finally:
+            if self.cluster is not None:
+                await self.cluster.stop()
             await self.client.aclose()
             await self.pool.aclose()
 
@@ -74,18 +85,25 @@ class IgnoreProxyApp:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        # Redis down does not make the instance unready: it serves with short-lived lists.
+        cluster = {} if self.cluster is None else {"cluster": self.cluster.state()}
         try:
             response = await self.client.get(READY_PROBE, timeout=5.0)
         except httpx.TransportError as exc:
             return JSONResponse(
-                {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
+                {"status": "unavailable", "reason": type(exc).__name__, **cluster},
+                status_code=503,
             )
         if response.status_code != 200:
             return JSONResponse(
-                {"status": "unavailable", "reason": f"upstream answered {response.status_code}"},
+                {
+                    "status": "unavailable",
+                    "reason": f"upstream answered {response.status_code}",
+                    **cluster,
+                },
                 status_code=503,
             )
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **cluster})
 
 
 def create_app(settings: Settings) -> IgnoreProxyApp:

@@ -93,6 +93,19 @@ class MetricsSettings(_Section, frozen=True):
     listen: str = ""
 
 
+class Cluster(_Section, frozen=True):
+    # Several instances (replicas) in front of one homeserver tell each other of list
+    # changes through Redis pub/sub: "redis://[:password@]host:6379/0", "rediss://..." or
+    # "unix:///path"; empty: off (each instance learns changes from /sync or list_ttl).
+    redis_url: Annotated[str, msgspec.Meta(pattern=r"^(|(redis|rediss|unix)://.+)$")] = ""
+    channel: str = "ignore-proxy:ignore-list-changed"
+    # While Redis is unreachable (changes elsewhere may go unheard), lists are re-read
+    # after this many seconds instead of ignore.list_ttl.
+    fallback_list_ttl: PositiveFloat = 10.0
+    # How long a write's answer waits for Redis to accept the change's message.
+    publish_timeout: PositiveFloat = 0.1
+
+
 class Settings(_Section, frozen=True):
     upstream: str = DEFAULT_UPSTREAM
     listen: str = DEFAULT_LISTEN
@@ -104,6 +117,7 @@ class Settings(_Section, frozen=True):
     ignore: Ignore = msgspec.field(default_factory=Ignore)
     logging: Logging = msgspec.field(default_factory=Logging)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    cluster: Cluster = msgspec.field(default_factory=Cluster)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -123,6 +137,7 @@ SECTIONS: dict[str, type[_Section]] = {
         ("ignore", Ignore),
         ("logging", Logging),
         ("metrics", MetricsSettings),
+        ("cluster", Cluster),
     )
 }
 

@@ -141,6 +141,7 @@ class IgnoreListWrite(Handler):
                 svc.ignore_lists.set(user_id, call.new_list)
             else:
                 svc.ignore_lists.invalidate(user_id)
+            await svc.ignore_lists.shared(user_id)  # other instances hear it first
         return Relay(response)
 
 
