@@ -190,6 +190,9 @@ class ClusterChannel:
         try:
             await pubsub.subscribe(self._channel)
             await self._confirmed(pubsub)
+            # A write's publish should not wait for a connection to be made.
+            with contextlib.suppress(Exception):
+                await self._publisher.ping()
             # Whatever was published before this point never reached this process.
             self._lists.forget_all()
             self.resubscriptions += 1
@@ -256,15 +259,15 @@ class ClusterChannel:
                 self._down_since = None
                 self._lists.limit_freshness(None)
                 self._warned = False
-                log.info("cluster: list changes heard through Redis (lists held before forgotten)")
+                log.info("cluster: list changes shared through Redis")
             else:
                 self._down_since = time.time()
                 self._lists.limit_freshness(self._settings.fallback_list_ttl)
         if not healthy and reason is not None and not self._warned:
             self._warned = True  # retries every second or two: one line an outage
             log.warning(
-                "cluster: Redis unavailable (%s); ignore lists are read again after %g s "
-                "until it is back",
+                "cluster: Redis unavailable or slow (%s); ignore lists are read again after "
+                "%g s until it is back",
                 self._reason,
                 self._settings.fallback_list_ttl,
             )

@@ -110,6 +110,7 @@ async def test_only_the_user_id_is_published(
     assert message["data"] == ALICE.encode()
 
 
+@pytest.mark.slow
 async def test_redis_down_shortens_lists_logs_once_and_recovers(
     instances: tuple[Instance, Instance],
     redis_server: RedisServer,
