@@ -77,6 +77,8 @@ def test_settings_are_frozen() -> None:
         ({"IGNORE_PROXY_LISTEN": "8010"}, "listen"),
         ({"IGNORE_PROXY_LISTEN": "127.0.0.1:99999"}, "listen"),
         ({"IGNORE_PROXY_METRICS_LISTEN": "nowhere"}, "metrics.listen"),
+        ({"IGNORE_PROXY_CLUSTER_REDIS_URL": "http://redis:6379"}, "cluster.redis_url"),
+        ({"IGNORE_PROXY_CLUSTER_FALLBACK_LIST_TTL": "0"}, "cluster.fallback_list_ttl"),
     ],
 )
 def test_bad_values_name_their_key(environ: dict[str, str], names: str) -> None:
