@@ -19,6 +19,7 @@ from ignore_proxy.ignore_lists import IgnoreListStore
 
 from .conftest import Clock
 from .e2e.harness.redis import RedisServer, redis_binary
+from .fake_homeserver import BOB, FakeHomeserver, build_app, client_for
 
 ALICE = "@alice:hs.test"
 CAROL = "@carol:hs.test"
@@ -214,3 +215,32 @@ async def test_an_unreachable_redis_at_start_serves_with_short_lists(
             assert "redis://" not in caplog.text  # the URL may hold a password
         finally:
             await cluster.stop()
+
+
+async def test_a_list_write_through_the_proxy_answers_after_the_bounded_wait(
+    redis_server: RedisServer,
+) -> None:
+    homeserver = FakeHomeserver()
+    app = build_app(homeserver, cluster_redis_url=redis_server.url)
+    cluster = app.cluster
+    assert cluster is not None
+    async with app.lifespan(app.own), client_for(app, "alice-token") as alice:
+        await until(lambda: cluster.up)
+        ready = await alice.get("/_ignore_proxy/health/ready")
+        assert ready.json()["cluster"] == {"redis": "connected"}
+        with redis_server.client() as raw:
+            raw.client_pause(1000, all=False)  # PUBLISH waits a second
+        written = await alice.put(
+            "/_matrix/client/v3/user/%40alice%3Ahs/account_data/m.ignored_user_list",
+            json={"ignored_users": {BOB: {}}},
+        )
+        assert written.status_code == 200, written.text
+        assert homeserver.account_data["@alice:hs"] == {"ignored_users": {BOB: {}}}
+        # The answer waited for the publish (bounded), and left without it.
+        assert cluster.publishes_late == 1
+        ready = await alice.get("/_ignore_proxy/health/ready")
+        assert ready.status_code == 200
+        assert ready.json()["cluster"]["redis"] == "unavailable"
+        assert "not accepted in time" in ready.json()["cluster"]["reason"]
+        await until(lambda: cluster.up)  # accepted after the pause
+        assert cluster.published >= 1
