@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 from starlette.applications import Starlette
@@ -13,13 +14,15 @@ from starlette.routing import Route
 from starlette.types import Receive, Scope, Send
 
 from .calls import Services
-from .cluster import ClusterChannel
 from .config import Settings
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
 from .metrics import Metrics
 from .proxy import Proxy
 from .upstream import PoolTransport, create_client, create_lookup_pool, create_pool
+
+if TYPE_CHECKING:
+    from .cluster import ClusterChannel
 
 # The proxy's own endpoints live under a prefix no Matrix path can start with.
 OWN_PREFIX = "/_ignore_proxy/"
@@ -45,11 +48,11 @@ class IgnoreProxyApp:
             self.client, ttl=settings.ignore.list_ttl, max_users=settings.ignore.list_cache_size
         )
         # Other instances in front of the same homeserver, told of list changes (Redis).
-        self.cluster = (
-            ClusterChannel(settings.cluster, self.ignore_lists)
-            if settings.cluster.redis_url
-            else None
-        )
+        self.cluster: ClusterChannel | None = None
+        if settings.cluster.redis_url:
+            from .cluster import ClusterChannel  # the Redis client only when it is used
+
+            self.cluster = ClusterChannel(settings.cluster, self.ignore_lists)
         self.metrics = Metrics()
         self.metrics.watch_caches(self.identity, self.ignore_lists, self.cluster)
         services = Services(settings, self.client, self.identity, self.ignore_lists, self.metrics)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -20,9 +21,11 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
 from prometheus_client.registry import Collector
 from starlette.types import Receive, Scope, Send
 
-from .cluster import ClusterChannel
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
+
+if TYPE_CHECKING:
+    from .cluster import ClusterChannel
 
 # Set (by `workers.py`) when several worker processes share one metrics store.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
