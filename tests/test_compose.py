@@ -126,7 +126,7 @@ def commands(name: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"^#   (\S.*)$", text, re.M)]
 
 
-@pytest.mark.parametrize("name", sorted(HOMESERVER_PORTS))
+@pytest.mark.parametrize("name", [*sorted(HOMESERVER_PORTS), REPLICAS])
 def test_the_commands_work_from_the_repository_root(name: str) -> None:
     """Run where the README says to stand, every host path of the commands is where the
     example's homeserver looks (compose resolves `./x` against the file's directory, a
@@ -156,7 +156,7 @@ def test_the_commands_work_from_the_repository_root(name: str) -> None:
 
 def test_the_readme_gives_the_same_commands() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
-    for name in sorted(HOMESERVER_PORTS):
+    for name in [*sorted(HOMESERVER_PORTS), REPLICAS]:
         for step in commands(name):
             assert " ".join(step.split()) in readme, step
 
