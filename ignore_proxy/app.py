@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 import httpx
 from starlette.applications import Starlette
@@ -19,6 +20,9 @@ from .ignore_lists import IgnoreListStore
 from .metrics import Metrics
 from .proxy import Proxy
 from .upstream import PoolTransport, create_client, create_lookup_pool, create_pool
+
+if TYPE_CHECKING:
+    from .cluster import ClusterChannel
 
 # The proxy's own endpoints live under a prefix no Matrix path can start with.
 OWN_PREFIX = "/_ignore_proxy/"
@@ -43,8 +47,14 @@ class IgnoreProxyApp:
         self.ignore_lists = IgnoreListStore(
             self.client, ttl=settings.ignore.list_ttl, max_users=settings.ignore.list_cache_size
         )
+        # Other instances in front of the same homeserver, told of list changes (Redis).
+        self.cluster: ClusterChannel | None = None
+        if settings.cluster.redis_url:
+            from .cluster import ClusterChannel  # the Redis client only when it is used
+
+            self.cluster = ClusterChannel(settings.cluster, self.ignore_lists)
         self.metrics = Metrics()
-        self.metrics.watch_caches(self.identity, self.ignore_lists)
+        self.metrics.watch_caches(self.identity, self.ignore_lists, self.cluster)
         services = Services(settings, self.client, self.identity, self.ignore_lists, self.metrics)
         self.pool = pool
         self.proxy = Proxy(settings, pool, services)
@@ -64,9 +74,13 @@ class IgnoreProxyApp:
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
+        if self.cluster is not None:
+            await self.cluster.start()
         try:
             yield
         finally:
+            if self.cluster is not None:
+                await self.cluster.stop()
             await self.client.aclose()
             await self.pool.aclose()
 
@@ -74,18 +88,25 @@ class IgnoreProxyApp:
         return JSONResponse({"status": "ok"})
 
     async def ready(self, request: Request) -> Response:
+        # Redis down does not make the instance unready: it serves with short-lived lists.
+        cluster = {} if self.cluster is None else {"cluster": self.cluster.state()}
         try:
             response = await self.client.get(READY_PROBE, timeout=5.0)
         except httpx.TransportError as exc:
             return JSONResponse(
-                {"status": "unavailable", "reason": type(exc).__name__}, status_code=503
+                {"status": "unavailable", "reason": type(exc).__name__, **cluster},
+                status_code=503,
             )
         if response.status_code != 200:
             return JSONResponse(
-                {"status": "unavailable", "reason": f"upstream answered {response.status_code}"},
+                {
+                    "status": "unavailable",
+                    "reason": f"upstream answered {response.status_code}",
+                    **cluster,
+                },
                 status_code=503,
             )
-        return JSONResponse({"status": "ok"})
+        return JSONResponse({"status": "ok", **cluster})
 
 
 def create_app(settings: Settings) -> IgnoreProxyApp:

@@ -98,6 +98,19 @@ class MetricsSettings(_Section, frozen=True):
     listen: str = ""
 
 
+class Cluster(_Section, frozen=True):
+    # Several instances (replicas) in front of one homeserver tell each other of list
+    # changes through Redis pub/sub: "redis://[:password@]host:6379/0", "rediss://..." or
+    # "unix:///path"; empty: off (each instance learns changes from /sync or list_ttl).
+    redis_url: str = ""  # checked by _check_redis_url, never echoed (it may hold a password)
+    channel: Annotated[str, msgspec.Meta(min_length=1)] = "ignore-proxy:ignore-list-changed"
+    # While Redis is unreachable (changes elsewhere may go unheard), lists are re-read
+    # after this many seconds instead of ignore.list_ttl.
+    fallback_list_ttl: PositiveFloat = 10.0
+    # How long a write's answer waits for Redis to accept the change's message.
+    publish_timeout: PositiveFloat = 0.1
+
+
 class Settings(_Section, frozen=True):
     upstream: str = DEFAULT_UPSTREAM
     listen: str = DEFAULT_LISTEN
@@ -109,6 +122,7 @@ class Settings(_Section, frozen=True):
     ignore: Ignore = msgspec.field(default_factory=Ignore)
     logging: Logging = msgspec.field(default_factory=Logging)
     metrics: MetricsSettings = msgspec.field(default_factory=MetricsSettings)
+    cluster: Cluster = msgspec.field(default_factory=Cluster)
 
     @property
     def listen_address(self) -> tuple[str, int]:
@@ -128,6 +142,7 @@ SECTIONS: dict[str, type[_Section]] = {
         ("ignore", Ignore),
         ("logging", Logging),
         ("metrics", MetricsSettings),
+        ("cluster", Cluster),
     )
 }
 
@@ -310,6 +325,8 @@ def _check_semantics(settings: Settings) -> None:
             f"config key upstream ({env_name('upstream')}): must be scheme://host[:port] "
             "with no path, query or fragment"
         )
+    if settings.cluster.redis_url:
+        _check_redis_url(settings.cluster.redis_url)
     for key, value in (
         (("listen",), settings.listen),
         (("metrics", "listen"), settings.metrics.listen),
@@ -336,3 +353,12 @@ def _same_address(first: str, second: str) -> bool:
     (host_a, port_a), (host_b, port_b) = parse_host_port(first), parse_host_port(second)
     host_a, host_b = _LOOPBACK_NAMES.get(host_a, host_a), _LOOPBACK_NAMES.get(host_b, host_b)
     return port_a == port_b and (host_a == host_b or bool({host_a, host_b} & _ANY_HOST))
+
+
+def _check_redis_url(url: str) -> None:
+    from redis.asyncio.connection import parse_url
+
+    try:
+        parse_url(url)
+    except ValueError as exc:  # its words name the part, never the password
+        raise ConfigError(f"{_key_text(('cluster', 'redis_url'))}: {exc}") from None

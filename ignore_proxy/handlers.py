@@ -28,6 +28,7 @@ import msgspec
 from . import filters, lookups, rewrite
 from .calls import Call, ListUnavailable, Services, lookup_failed
 from .identity import IdentityUnavailable
+from .ids import is_user_id
 from .ignore_lists import PutRejection, validate_put_body
 from .replies import Json, MatrixError, Relay, Reply, Rewritten
 from .rewrite.raw import decode_value
@@ -141,6 +142,12 @@ class IgnoreListWrite(Handler):
             try:
                 user_id = await call.user_lookup
             except ListUnavailable:
+                # Stored, but for whom is unknown: the path's user most likely. Their
+                # list is read again, here and in every other worker and instance.
+                path_user = call.found.params["user_id"]
+                if is_user_id(path_user):
+                    svc.ignore_lists.invalidate(path_user)
+                    await svc.ignore_lists.shared(path_user)
                 return Relay(response)
             # Only ever under the authenticated user's own key. A homeserver that took a
             # write under another user's path (Conduit stores the sender's, whatever the
@@ -152,6 +159,7 @@ class IgnoreListWrite(Handler):
                     await asyncio.wait({keeping}, timeout=_PUSH_RULES_WAIT)
             else:
                 svc.ignore_lists.invalidate(user_id)
+            await svc.ignore_lists.shared(user_id)  # other instances hear it first
         return Relay(response)
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Final
 from urllib.parse import quote
@@ -106,6 +106,10 @@ class _Load:
         self.stale = False  # set() or forget() happened since it started: do not store
 
 
+# A read superseded this many times in a row (changes heard while it ran) gives up.
+_MAX_SUPERSEDED_READS = 3
+
+
 class _LoadFailed(Exception):
     def __init__(self, status: int | None) -> None:
         self.status = status
@@ -118,6 +122,9 @@ class IgnoreListStore:
     kept (even if stale) and retried after ``retry_after`` seconds; without one,
     ``ensure_fresh`` raises ``IgnoreListUnavailable``. At most ``max_users`` lists are kept
     (least recently used go first). The store trusts the user ID its callers pass.
+
+    While changes made elsewhere may go unheard (``limit_freshness``: the other instances'
+    channel is down), lists are re-read after a shorter time.
     """
 
     def __init__(
@@ -131,19 +138,24 @@ class IgnoreListStore:
     ) -> None:
         self._client = client
         self._ttl = ttl
+        self._full_ttl = ttl
         self._retry_after = min(retry_after, ttl)
         self._timer = timer
         self._entries: LRUCache[str, _Entry] = LRUCache(max_users)
         # When each user's list last changed by a write (here or in a sibling worker): an
         # answer asked for before then may carry the list as it was (see `set`).
         self._changed_at: LRUCache[str, float] = LRUCache(max_users)
+        self._all_changed_at = float("-inf")  # forget_all: every list may have changed
         self._loads: dict[str, _Load] = {}
         self.loads = 0  # upstream account-data reads
         self.failures = 0  # reads that failed (5xx, timeout, connection, 401/403, bad body)
         self.hits = 0  # lists that were fresh in memory
         self.misses = 0  # lists that had to be read (or joined a read in flight)
-        # Told of each user whose list changed here (workers: the others forget theirs).
-        self.on_change: Callable[[str], None] | None = None
+        # Told of each user whose list changed here: sibling workers (workers.py) and other
+        # instances (cluster.py) forget theirs.
+        self.on_change: list[Callable[[str], None]] = []
+        # Waits, bounded, until the other instances can hear of a user's change (cluster.py).
+        self.wait_shared: Callable[[str], Awaitable[None]] | None = None
 
     async def ensure_fresh(self, user_id: str, creds: Credentials) -> None:
         entry = self._entries.get(user_id)
@@ -151,6 +163,15 @@ class IgnoreListStore:
             self.hits += 1
             return
         self.misses += 1
+        for _ in range(_MAX_SUPERSEDED_READS):
+            if not await self._read_fresh(user_id, creds):
+                return
+        # Changes keep arriving while the list is read: what it is now is unknown.
+        raise IgnoreListUnavailable(None)
+
+    async def _read_fresh(self, user_id: str, creds: Credentials) -> bool:
+        """Read the list (or join a read in flight); True when the read was superseded (a
+        change heard meanwhile) and what is in memory may predate it."""
         load = self._loads.get(user_id)
         if load is None:
             load = _Load(creds)
@@ -166,6 +187,13 @@ class IgnoreListStore:
                 await self.ensure_fresh(user_id, creds)
             elif user_id not in self._entries:  # neither a last known list nor a set() since
                 raise IgnoreListUnavailable(exc.status) from None
+            return False
+        # Superseded by a set() (its list is in memory) or a forget() (nothing or an older
+        # list is): read again rather than serve the list from before the change.
+        if not load.stale:
+            return False
+        entry = self._entries.get(user_id)
+        return entry is None or self._timer() >= entry.fresh_until
 
     def known(self, user_id: str) -> bool:
         """Whether a list is in memory (not forgotten, say by a sibling worker's change)."""
@@ -186,27 +214,58 @@ class IgnoreListStore:
         a slow initial sync must not undo an "ignore" made meanwhile."""
         if asked_at is None:
             self._changed_at[user_id] = self._timer()
-        elif asked_at <= self._changed_at.get(user_id, float("-inf")):
+        elif asked_at <= max(self._changed_at.get(user_id, float("-inf")), self._all_changed_at):
             return
         self._supersede(user_id)
         ignored = ignored - {user_id}
         before = self._entries.get(user_id)
         self._entries[user_id] = _Entry(ignored, self._timer() + self._ttl)
-        if self.on_change is not None and (before is None or before.ignored != ignored):
-            self.on_change(user_id)
+        # A write is always told: another instance may hold a list this one never saw.
+        if asked_at is None or before is None or before.ignored != ignored:
+            self._tell(user_id)
 
     def invalidate(self, user_id: str) -> None:
         """A write whose outcome the proxy cannot know: read the list again, here and
-        in the sibling workers."""
+        in the sibling workers and other instances."""
         self.forget(user_id)
-        if self.on_change is not None:
-            self.on_change(user_id)
+        self._tell(user_id)
+
+    async def shared(self, user_id: str) -> None:
+        """Wait (bounded) until the other instances can hear of the user's change told
+        by the last `set` or `invalidate`: before the write's answer leaves."""
+        if self.wait_shared is not None:
+            await self.wait_shared(user_id)
+
+    def _tell(self, user_id: str) -> None:
+        for listener in self.on_change:
+            listener(user_id)
 
     def forget(self, user_id: str) -> None:
         """Drop a user's list: it changed elsewhere (a sibling worker) and is read again."""
         self._changed_at[user_id] = self._timer()
         self._supersede(user_id)
         self._entries.pop(user_id, None)
+
+    def forget_all(self) -> None:
+        """Drop every list: changes made elsewhere may have gone unheard (the other
+        instances' channel was down), and every list is read again."""
+        self._all_changed_at = self._timer()
+        for load in self._loads.values():
+            load.stale = True
+        self._loads.clear()
+        self._entries.clear()
+
+    def limit_freshness(self, ttl: float | None) -> None:
+        """Re-read lists after at most ``ttl`` seconds, those in memory included (None:
+        after the configured TTL again): changes made elsewhere may go unheard."""
+        if ttl is None:
+            self._ttl = self._full_ttl
+            return
+        self._ttl = min(ttl, self._full_ttl)
+        latest = self._timer() + self._ttl
+        for user_id, entry in list(self._entries.items()):
+            if entry.fresh_until > latest:
+                self._entries[user_id] = _Entry(entry.ignored, latest)
 
     def __len__(self) -> int:
         return len(self._entries)

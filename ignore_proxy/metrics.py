@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
@@ -22,6 +23,9 @@ from starlette.types import Receive, Scope, Send
 
 from .identity import IdentityResolver
 from .ignore_lists import IgnoreListStore
+
+if TYPE_CHECKING:
+    from .cluster import ClusterChannel
 
 # Set (by `workers.py`) when several worker processes share one metrics store.
 MULTIPROCESS_ENV = "PROMETHEUS_MULTIPROC_DIR"
@@ -83,8 +87,13 @@ class Metrics:
             child = self._latency[route] = self.upstream_latency.labels(route)
         child.observe(seconds)
 
-    def watch_caches(self, identity: IdentityResolver, ignore_lists: IgnoreListStore) -> None:
-        collector = _CacheCollector(identity, ignore_lists)
+    def watch_caches(
+        self,
+        identity: IdentityResolver,
+        ignore_lists: IgnoreListStore,
+        cluster: ClusterChannel | None = None,
+    ) -> None:
+        collector = _CacheCollector(identity, ignore_lists, cluster)
         if os.environ.get(MULTIPROCESS_ENV):
             self._mirror = _CacheMirror(collector, self.registry)
         else:
@@ -107,9 +116,15 @@ class Metrics:
 class _CacheCollector(Collector):
     """Reads the caches' own counters at scrape time: nothing on the request path."""
 
-    def __init__(self, identity: IdentityResolver, ignore_lists: IgnoreListStore) -> None:
+    def __init__(
+        self,
+        identity: IdentityResolver,
+        ignore_lists: IgnoreListStore,
+        cluster: ClusterChannel | None = None,
+    ) -> None:
         self.identity = identity
         self.ignore_lists = ignore_lists
+        self.cluster = cluster
 
     def collect(self) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
         identity = CounterMetricFamily(
@@ -145,6 +160,34 @@ class _CacheCollector(Collector):
             "ignore_proxy_identities_cached", "Tokens whose user is in memory",
             value=len(self.identity),
         )  # fmt: skip
+        if self.cluster is not None:
+            yield from _cluster_metrics(self.cluster)
+
+
+def _cluster_metrics(cluster: ClusterChannel) -> Iterator[CounterMetricFamily | GaugeMetricFamily]:
+    yield GaugeMetricFamily(
+        "ignore_proxy_cluster_redis_up",
+        "1 while list changes are heard and told through Redis; 0 while lists live "
+        "cluster.fallback_list_ttl (workers: the sum)",
+        value=1 if cluster.up else 0,
+    )
+    published = CounterMetricFamily(
+        "ignore_proxy_cluster_publishes", "List changes told through Redis, by result",
+        labels=["result"],
+    )  # fmt: skip
+    published.add_metric(["ok"], cluster.published)
+    published.add_metric(["failed"], cluster.publish_failures)
+    published.add_metric(["late"], cluster.publishes_late)
+    yield published
+    yield CounterMetricFamily(
+        "ignore_proxy_cluster_changes_heard", "List changes heard through Redis",
+        value=cluster.heard,
+    )  # fmt: skip
+    yield CounterMetricFamily(
+        "ignore_proxy_cluster_subscriptions",
+        "Times Redis was subscribed to (every list held is forgotten then)",
+        value=cluster.resubscriptions,
+    )
 
 
 class _CacheMirror:

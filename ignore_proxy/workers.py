@@ -64,7 +64,7 @@ class Siblings:
         """Forget what the others changed; tell them what changes here."""
         loop = asyncio.get_running_loop()
         loop.add_reader(self.inbox.fileno(), self._receive, app.ignore_lists.forget)
-        app.ignore_lists.on_change = self.changed
+        app.ignore_lists.on_change.append(self.changed)
         app.metrics.start_mirroring()
         loop.call_later(1.0, self._watch_parent)
 

@@ -22,6 +22,7 @@ COMPOSE_DIR = ROOT / "config" / "compose"
 # The homeserver's client-server port in each example (the homeservers' own defaults).
 HOMESERVER_PORTS = {"conduit": 6167, "continuwuity": 6167, "dendrite": 8008, "synapse": 8008}
 PORT_VARIABLES = {"conduit": "CONDUIT_PORT", "continuwuity": "CONTINUWUITY_PORT"}
+REPLICAS = "synapse-replicas"  # two instances sharing list changes through Redis
 
 
 def load(name: str) -> dict[str, Any]:
@@ -31,7 +32,8 @@ def load(name: str) -> dict[str, Any]:
 
 
 def test_one_example_per_homeserver() -> None:
-    assert sorted(p.stem for p in COMPOSE_DIR.glob("*.yml")) == sorted(HOMESERVER_PORTS)
+    examples = sorted(p.stem for p in COMPOSE_DIR.glob("*.yml") if p.stem != REPLICAS)
+    assert examples == sorted(HOMESERVER_PORTS)
 
 
 @pytest.mark.parametrize("name", sorted(HOMESERVER_PORTS))
@@ -124,7 +126,7 @@ def commands(name: str) -> list[str]:
     return [m.group(1) for m in re.finditer(r"^#   (\S.*)$", text, re.M)]
 
 
-@pytest.mark.parametrize("name", sorted(HOMESERVER_PORTS))
+@pytest.mark.parametrize("name", [*sorted(HOMESERVER_PORTS), REPLICAS])
 def test_the_commands_work_from_the_repository_root(name: str) -> None:
     """Run where the README says to stand, every host path of the commands is where the
     example's homeserver looks (compose resolves `./x` against the file's directory, a
@@ -154,6 +156,45 @@ def test_the_commands_work_from_the_repository_root(name: str) -> None:
 
 def test_the_readme_gives_the_same_commands() -> None:
     readme = " ".join((ROOT / "README.md").read_text().split())
-    for name in sorted(HOMESERVER_PORTS):
+    for name in [*sorted(HOMESERVER_PORTS), REPLICAS]:
         for step in commands(name):
             assert " ".join(step.split()) in readme, step
+
+
+def test_replicas_share_one_redis_and_only_nginx_is_published(tmp_path: Path) -> None:
+    services = load(REPLICAS)["services"]
+    assert set(services) == {"homeserver", "redis", "ignore-proxy-a", "ignore-proxy-b", "nginx"}
+    for name in ("ignore-proxy-a", "ignore-proxy-b"):
+        env = {key: str(value) for key, value in services[name]["environment"].items()}
+        settings = load_settings(environ={"IGNORE_PROXY_LISTEN": "0.0.0.0:8010", **env})
+        assert settings.upstream == "http://homeserver:8008"
+        assert settings.cluster.redis_url == "redis://redis:6379/0"
+    assert "--save" in services["redis"]["command"]  # pub/sub only: nothing to keep
+    for name, service in services.items():
+        assert not service.get("ports") or name == "nginx", name
+    assert services["nginx"]["ports"] == ["8080:8080"]
+    # nginx balances over both instances: the shipped config, rendered by its command.
+    nginx = services["nginx"]
+    (volume,) = nginx["volumes"]
+    shipped, mounted = (COMPOSE_DIR / volume.split(":")[0]).resolve(), volume.split(":")[1]
+    (command,) = nginx["command"]
+    setup, _, _ = command.partition("&&")
+    rendered = tmp_path / "default.conf"
+    setup = setup.replace(mounted, str(shipped)).replace(
+        "/etc/nginx/conf.d/default.conf", str(rendered)
+    )
+    subprocess.run(["sh", "-c", setup], check=True, timeout=30)
+    text = rendered.read_text()
+    assert "server ignore-proxy-a:8010; server ignore-proxy-b:8010;" in text
+    if shutil.which("nginx") is None and not Path("/usr/sbin/nginx").exists():
+        pytest.skip("nginx is not installed")
+    site = tmp_path / "site.conf"
+    site.write_text(
+        text.replace("ignore-proxy-a:8010", "127.0.0.1:8010")
+        .replace("ignore-proxy-b:8010", "127.0.0.1:8011")
+        .replace("homeserver:8008", "127.0.0.1:8008")
+    )
+    conf = tmp_path / "nginx.conf"
+    conf.write_text(main_conf(tmp_path, site))
+    checked = nginx_test(conf, tmp_path)
+    assert checked.returncode == 0, checked.stderr

@@ -77,6 +77,9 @@ def test_settings_are_frozen() -> None:
         ({"IGNORE_PROXY_LISTEN": "8010"}, "listen"),
         ({"IGNORE_PROXY_LISTEN": "127.0.0.1:99999"}, "listen"),
         ({"IGNORE_PROXY_METRICS_LISTEN": "nowhere"}, "metrics.listen"),
+        ({"IGNORE_PROXY_CLUSTER_REDIS_URL": "http://:pw@redis:6379"}, "cluster.redis_url"),
+        ({"IGNORE_PROXY_CLUSTER_REDIS_URL": "redis://:pw@redis:port/0"}, "cluster.redis_url"),
+        ({"IGNORE_PROXY_CLUSTER_FALLBACK_LIST_TTL": "0"}, "cluster.fallback_list_ttl"),
     ],
 )
 def test_bad_values_name_their_key(environ: dict[str, str], names: str) -> None:
@@ -204,3 +207,11 @@ def test_metrics_need_a_port_of_their_own(listen: str, metrics: str, clash: bool
     with pytest.raises(ConfigError) as caught:
         load_settings(environ=environ)
     assert str(caught.value).startswith("config key metrics.listen (IGNORE_PROXY_METRICS_LISTEN): ")
+
+
+@pytest.mark.parametrize("url", ["http://:secret@redis:6379", "redis://:secret@redis:port/0"])
+def test_a_bad_redis_url_is_named_without_its_password(url: str) -> None:
+    with pytest.raises(ConfigError) as caught:
+        load_settings(environ={"IGNORE_PROXY_CLUSTER_REDIS_URL": url})
+    assert "cluster.redis_url" in str(caught.value)
+    assert "secret" not in str(caught.value)

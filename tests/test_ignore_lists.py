@@ -442,3 +442,85 @@ def test_a_siblings_change_counts_as_a_write(store: IgnoreListStore, clock: Cloc
     store.forget(ALICE)
     store.set(ALICE, frozenset(), asked_at=asked_before)
     assert not store.known(ALICE)  # read again, never the old list taken for current
+
+
+async def test_a_read_superseded_by_forget_is_read_again_not_taken_for_empty(
+    upstream: respx.MockRouter, store: IgnoreListStore
+) -> None:
+    # Another instance (or worker) says alice's list changed while it is being read: the
+    # waiting request reads it again rather than find nothing and filter nobody.
+    gate, answer = gated(httpx.Response(200, json=content(EVE)))
+    route = upstream.get(ALICE_PATH).mock(side_effect=answer)
+    loading = asyncio.create_task(store.ensure_fresh(ALICE, Credentials("tok")))
+    await asyncio.sleep(0.01)
+    store.forget(ALICE)
+    gate.set()
+    await loading
+    assert route.call_count == 2
+    assert store.current(ALICE) == {EVE}
+
+
+async def test_a_read_superseded_again_and_again_is_unavailable(
+    upstream: respx.MockRouter, store: IgnoreListStore
+) -> None:
+    reads = 0
+
+    async def answer(request: httpx.Request) -> httpx.Response:
+        nonlocal reads
+        reads += 1
+        store.forget(ALICE)  # a change heard during every read
+        return httpx.Response(200, json=content(EVE))
+
+    upstream.get(ALICE_PATH).mock(side_effect=answer)
+    with pytest.raises(IgnoreListUnavailable):
+        await store.ensure_fresh(ALICE, Credentials("tok"))
+    assert reads == 3
+
+
+async def test_forget_all_drops_every_list_and_the_reads_in_flight(
+    upstream: respx.MockRouter, store: IgnoreListStore, clock: Clock
+) -> None:
+    store.set(BOB, frozenset({EVE}))
+    gate, answer = gated(httpx.Response(200, json=content(EVE)))
+    route = upstream.get(ALICE_PATH).mock(side_effect=answer)
+    loading = asyncio.create_task(store.ensure_fresh(ALICE, Credentials("tok")))
+    await asyncio.sleep(0.01)
+    asked_before = store.now()
+    clock.now += 1
+    store.forget_all()
+    assert not store.known(BOB)
+    gate.set()
+    await loading
+    assert route.call_count == 2  # the read begun before was not taken
+    store.set(BOB, frozenset(), asked_at=asked_before)  # nor an answer asked for before
+    assert not store.known(BOB)
+
+
+async def test_limited_freshness_shortens_the_lists_held_and_new_ones(
+    upstream: respx.MockRouter, store: IgnoreListStore, clock: Clock
+) -> None:
+    route = upstream.get(ALICE_PATH).respond(200, json=content(EVE))
+    await store.ensure_fresh(ALICE, Credentials("tok"))  # fresh for 60 s
+    store.limit_freshness(5.0)
+    clock.now += 6
+    await store.ensure_fresh(ALICE, Credentials("tok"))
+    assert route.call_count == 2
+    clock.now += 6  # read under the limit: 5 s too
+    await store.ensure_fresh(ALICE, Credentials("tok"))
+    assert route.call_count == 3
+    store.limit_freshness(None)
+    clock.now += 6  # the one read under the limit keeps its 5 s
+    await store.ensure_fresh(ALICE, Credentials("tok"))
+    assert route.call_count == 4
+    clock.now += 30  # read after it: the full 60 s again
+    await store.ensure_fresh(ALICE, Credentials("tok"))
+    assert route.call_count == 4
+
+
+def test_every_write_is_told_a_sync_only_when_the_list_differs(store: IgnoreListStore) -> None:
+    told: list[str] = []
+    store.on_change.append(told.append)
+    store.set(ALICE, frozenset({EVE}))
+    store.set(ALICE, frozenset({EVE}))  # the same list again: another instance may differ
+    store.set(ALICE, frozenset({EVE}), asked_at=store.now() + 1)
+    assert told == [ALICE, ALICE]

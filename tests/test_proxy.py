@@ -256,6 +256,28 @@ async def test_write_rejected_upstream_changes_nothing(homeserver: FakeHomeserve
         assert "$b1" not in timeline(await alice.get(SYNC))
 
 
+async def test_a_write_whose_author_is_unknown_makes_the_paths_list_be_read_again(
+    homeserver: FakeHomeserver,
+) -> None:
+    homeserver.account_data.clear()
+
+    def whoami_down(request: httpx.Request) -> httpx.Response:
+        token = request.headers.get("authorization", "")
+        if request.url.path.endswith("/account/whoami") and token.endswith("alice-phone"):
+            return httpx.Response(503, json={"errcode": "M_UNKNOWN", "error": "busy"})
+        return homeserver(request)
+
+    app = build_app(whoami_down)
+    async with client_for(app, "alice-token") as laptop, client_for(app, "alice-phone") as phone:
+        assert "$b1" in timeline(await laptop.get(SYNC))  # nobody ignored, and known so
+        put = await phone.put(  # stored; whose token it was, the proxy cannot learn
+            f"/_matrix/client/v3/user/{ALICE}/account_data/m.ignored_user_list",
+            json={"ignored_users": {BOB: {}}},
+        )
+        assert put.status_code == 200
+        assert "$b1" not in timeline(await laptop.get(SYNC))
+
+
 async def test_ignore_list_from_sync_account_data_applies_to_that_same_response(
     homeserver: FakeHomeserver,
 ) -> None:
