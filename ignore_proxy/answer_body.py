@@ -119,7 +119,8 @@ def _inflate(data: bytes, wbits: int, limit: int, members: bool) -> bytes:
 def check_utf8_json(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
     """Refuse, with NotUtf8Json, an answer to be filtered that says or shows it is not
     UTF-8: a charset parameter other than utf-8, a byte order mark (UTF-8's included,
-    RFC 8259 8.1), or NUL bytes where JSON text starts (UTF-16/32 without a mark).
+    RFC 8259 8.1), NUL bytes where JSON text starts (UTF-16/32 without a mark), or any
+    byte sequence that is not UTF-8.
     `application/json` without a charset is UTF-8 by definition."""
     for name, value in headers:
         if name.lower() != b"content-type":
@@ -134,3 +135,11 @@ def check_utf8_json(headers: list[tuple[bytes, bytes]], body: bytes) -> None:
         raise NotUtf8Json("answer starting with a byte order mark")
     if b"\x00" in body[:4]:
         raise NotUtf8Json("answer in UTF-16 or UTF-32")
+    # Bytes that are not UTF-8 (an encoded surrogate, a lone 0xff) are read one way by
+    # the proxy's decoders and another by a client's (U+FFFD): a string the proxy takes
+    # for someone else's ID can read as an ignored user's to the client.
+    if not body.isascii():
+        try:
+            body.decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise NotUtf8Json(f"answer with bytes that are not UTF-8 at {exc.start}") from None

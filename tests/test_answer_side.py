@@ -122,6 +122,10 @@ SYNC_BYTES = json.dumps(SYNC_BODY).encode()
         (SYNC_BYTES, {"content-encoding": "zstd"}),
         (gzip.compress(SYNC_BYTES)[:-12], {"content-encoding": "gzip"}),
         (b"[" + SYNC_BYTES + b"]", {}),
+        # not UTF-8 inside a string: a lone 0xff, an encoded surrogate, a cut sequence
+        (SYNC_BYTES.replace(b'"hi"', b'"h\xff"', 1), {}),
+        (SYNC_BYTES.replace(b'"hi"', b'"h\xed\xa0\x80"', 1), {}),
+        (SYNC_BYTES.replace(b'"hi"', b'"h\xc3"', 1), {}),
     ],
 )
 async def test_an_answer_the_proxy_cannot_read_is_refused(
@@ -132,6 +136,17 @@ async def test_an_answer_the_proxy_cannot_read_is_refused(
         response = await alice.get(SYNC)
     assert response.status_code == 502, response.content[:100]
     assert response.json()["errcode"] == "M_UNKNOWN"
+
+
+async def test_an_answer_in_utf_8_beyond_ascii_is_filtered(homeserver: FakeHomeserver) -> None:
+    """Conduit writes non-ASCII text as raw UTF-8 (Synapse escapes it): read and filtered."""
+    body = SYNC_BYTES.replace(b'"hi"', '"h\u00e9 \u2603 \U0001f600"'.encode())
+    assert not body.isascii()
+    homeserver.answers[("GET", "/sync")] = answering(200, body)
+    async with client_for(build_app(homeserver), "alice-token") as alice:
+        response = await alice.get(SYNC)
+    assert response.status_code == 200, response.text
+    assert "h\u00e9 \u2603 \U0001f600" in response.text
 
 
 @pytest.mark.parametrize(
