@@ -41,7 +41,7 @@ import re
 from collections.abc import Callable, Iterable, Sequence
 from functools import lru_cache
 from itertools import compress, count
-from operator import not_
+from operator import methodcaller, not_
 from typing import Final
 
 import msgspec
@@ -58,11 +58,13 @@ _SHORT_ESCAPES = {
     "\r": "r",
     "\t": "t",
 }
-_BACKSLASH: Final = 0x5C
 
 _AT_STRING: Final = re.compile(rb'@(?<="@)(?<!\\"@)[^"\\]*+["\\]')
 """A string starting with ``@``, up to its first quote or backslash (included). It
 starts the scan at the ``@`` (a literal, found fast) and then checks the quote before."""
+_ESCAPED_STRING: Final = re.compile(rb'@(?<="@)(?<!\\"@)[^"\\]*+\\')
+"""A string starting with ``@`` with an escape in it, up to its first backslash."""
+_ENDS_IN_BACKSLASH: Final = methodcaller("endswith", b"\\")
 _ESCAPED_AT: Final = re.compile(rb'\\u0040(?<="\\u0040)(?<!\\"\\u0040)')
 """A string starting with ``@`` spelled ``\\u0040`` (its digits have no case)."""
 _STRING_REST: Final = re.compile(rb'(?:[^"\\]++|\\.)*+"', re.DOTALL)
@@ -124,12 +126,6 @@ def _minimal_spelling(user_id: str) -> bytes:
         return json.dumps(user_id).encode("ascii")[1:-1]
 
 
-def _longest_spelling(user_id: str) -> int:
-    """Bytes between the quotes of the longest JSON spelling of ``user_id``: each
-    character as ``\\uXXXX``, a surrogate pair for those outside the BMP."""
-    return sum(12 if ord(ch) > 0xFFFF else 6 for ch in user_id)
-
-
 def _scan_key(spelling: bytes) -> bytes:
     """What ``_AT_STRING`` yields for a string spelled so: up to its first backslash,
     else all of it and the closing quote."""
@@ -152,14 +148,14 @@ class Found:
 
     __slots__ = ("_escaped_at", "_keys", "_search", "always", "ids")
 
-    def __init__(self, ids: frozenset[str], spellings: Iterable[bytes], always: bool) -> None:
+    def __init__(self, ids: frozenset[str], keys: frozenset[bytes], always: bool) -> None:
         self.ids = ids
         """The IDs held (all of them when ``always``)."""
         self.always = always
         """Every part may hold one: it could not be decided from the bytes."""
-        minimal = (_minimal_spelling(uid) for uid in ids)
-        keys = frozenset(_scan_key(s) for s in (*spellings, *minimal))
         self._keys = keys
+        """What ``_AT_STRING`` yields for each spelling of them the body has, and for
+        their minimal spellings (what a rewriter writes anew)."""
         self._escaped_at = any(key.startswith(b"\\") for key in keys)
         self._search = _bytes_search(keys) if len(keys) <= _FEW else None
 
@@ -202,19 +198,18 @@ def _bytes_search(keys: frozenset[bytes]) -> Callable[..., re.Match[bytes] | Non
     return re.compile(b"|".join(map(re.escape, needles))).search
 
 
-_NOTHING: Final = Found(frozenset(), (), False)
+_NOTHING: Final = Found(frozenset(), frozenset(), False)
 
 
 class Mentions:
     """A search for a set of user IDs (cache one per ignore list: ``mentions_for``)."""
 
-    __slots__ = ("_by_key", "_longest", "_others", "_others_escapes", "all_at", "ids", "keys")
+    __slots__ = ("_by_key", "_longest", "_others", "_others_escapes", "all_at", "ids", "is_key")
 
     def __init__(self, user_ids: Iterable[str]) -> None:
         self.ids = frozenset(user_ids)
         by_key: dict[bytes, str] = {}
         others: list[str] = []
-        longest = 0
         for uid in self.ids:
             if not uid.startswith("@"):
                 others.append(uid)
@@ -222,14 +217,13 @@ class Mentions:
             spelling = _minimal_spelling(uid)
             if b"\\" not in spelling:
                 by_key[spelling + b'"'] = uid
-            longest = max(longest, _longest_spelling(uid))
         self._by_key = by_key
-        self.keys = frozenset(by_key)
-        """What ``_AT_STRING`` yields for each ID's minimal spelling (for those with no
+        """IDs by what ``_AT_STRING`` yields for their minimal spelling (for those with no
         escape in it: the others are found by decoding)."""
-        """IDs by the scan key of their minimal spelling (those without an escape in it:
-        the others are only ever found by decoding)."""
-        self._longest = longest
+        self.is_key = by_key.__contains__
+        # each character as `\uXXXX`, or as two (a surrogate pair) outside the BMP
+        self._longest = 12 * max(map(len, self.ids), default=0)
+        """Bytes between the quotes of the longest spelling of an ID, or more."""
         self.all_at = not others
         """Every ID starts with ``@`` (as every user ID does)."""
         self._others: re.Pattern[bytes] | None = None
@@ -242,18 +236,16 @@ class Mentions:
     def found(self, data: bytes | memoryview | msgspec.Raw) -> Found:
         """Which of the IDs ``data`` holds as strings."""
         if self._others is not None and self._others_found(data):
-            return Found(self.ids, (), True)
-        keys = set(_AT_STRING.findall(data))
-        ids: set[str] = set()
-        spellings: list[bytes] = []
-        for key in keys.intersection(self.keys):
-            ids.add(self._by_key[key])
-            spellings.append(key[:-1])
-        escaped = any(key[-1] == _BACKSLASH for key in keys)
-        to_decode = escaped or _ESCAPED_AT.search(data) is not None
-        if to_decode and not self._decode_escaped(data, ids, spellings):
-            return Found(self.ids, (), True)
-        return Found(frozenset(ids), spellings, False) if ids else _NOTHING
+            return Found(self.ids, frozenset(), True)
+        strings = set(_AT_STRING.findall(data))
+        keys = self._by_key.keys() & strings  # iterates the smaller
+        ids = set(map(self._by_key.__getitem__, keys))
+        if any(map(_ENDS_IN_BACKSLASH, strings)) or _ESCAPED_AT.search(data) is not None:
+            try:
+                self._decode_escaped(bytes(memoryview(data)), ids, keys)
+            except ValueError:
+                return Found(self.ids, frozenset(), True)
+        return Found(frozenset(ids), frozenset(keys), False) if ids else _NOTHING
 
     def _others_found(self, data: bytes | memoryview | msgspec.Raw) -> bool:
         assert self._others is not None
@@ -262,29 +254,18 @@ class Mentions:
         escapes = self._others_escapes
         return escapes is not None and escapes.search(data) is not None
 
-    def _decode_escaped(
-        self, data: bytes | memoryview | msgspec.Raw, ids: set[str], spellings: list[bytes]
-    ) -> bool:
-        """Add the IDs that strings with an escape in them decode to; False if one such
-        string does not end (or decode) as JSON within the longest spelling of an ID."""
-        view = bytes(memoryview(data))
-        starts = [m.start() for m in _AT_STRING.finditer(view) if view[m.end() - 1] == _BACKSLASH]
-        starts += [m.start() for m in _ESCAPED_AT.finditer(view)]
+    def _decode_escaped(self, data: bytes, ids: set[str], keys: set[bytes]) -> None:
+        """Add the IDs that strings with an escape in them decode to, and the keys of
+        their spellings (and of their minimal ones). ValueError if one such string does
+        not end or decode as JSON."""
+        starts = [m.start() for m in _ESCAPED_STRING.finditer(data)]
+        starts += [m.start() for m in _ESCAPED_AT.finditer(data)]
         for start in starts:
-            bound = start + self._longest + 1
-            rest = _STRING_REST.match(view, start, bound)
-            if rest is None:
-                if bound < len(view):
-                    continue  # longer than any spelling of an ID
-                return False  # the body ends inside it: no JSON
-            spelling = view[start : rest.end() - 1]
-            value = _decode(spelling)
-            if value is None:
-                return False
-            if value in self.ids:
-                ids.add(value)
-                spellings.append(spelling)
-        return True
+            decoded = self.decode_at(data, start)
+            if decoded is not None and decoded[0] in self.ids:
+                ids.add(decoded[0])
+                keys.add(_scan_key(data[start : decoded[1]]))
+                keys.add(_scan_key(_minimal_spelling(decoded[0])))
 
     def in_bytes(self, data: bytes | memoryview | msgspec.Raw) -> bool:
         """True unless ``data`` certainly holds none of the IDs."""

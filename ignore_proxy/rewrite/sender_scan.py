@@ -89,7 +89,7 @@ def holds_no_ignored_event(body: bytes, ignored: frozenset[str]) -> bool:
     members = list(_SENDER_MEMBER.finditer(body))
     values = list(map(_VALUE, members))
     # In C: the members whose value is an ID's minimal spelling, or has an escape.
-    plain = compress(members, map(mentions.keys.__contains__, values))
+    plain = compress(members, map(mentions.is_key, values))
     escaped = compress(members, map(_HAS_ESCAPE, values))
     text: str | None = None
     for match in sorted(chain(plain, escaped), key=_START):
