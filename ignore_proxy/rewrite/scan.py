@@ -28,10 +28,16 @@ starting with ``@`` (constants such as an account-data type, searched with the s
 functions) are searched as bytes anywhere, with any escape that could spell one of their
 characters counting as a mention, as conservative as that is.
 
-The cost: one or two passes over the body's bytes, one set lookup per distinct string
-that starts with ``@``, a decode of each string that starts so and has an escape (at
-most as many bytes as the longest spelling of an ID: a longer string is none of them).
-What grows with the number of IDs is only the set and the time to build it once per list.
+A short list (``_SHORT_LIST`` IDs or fewer) is searched faster with one regex of their
+minimal spellings as whole strings, where no escape in the body could spell one of
+their characters (then every string that is one of them is spelled minimally); where
+one could, the strings are looked up as for a long list.
+
+The cost: two passes over the body's bytes, one set lookup per distinct string that
+starts with ``@``, a decode of each string that starts so and has an escape (at most as
+many bytes as the longest spelling of an ID: a longer string is none of them). What
+grows with the number of IDs is only the set, built once per list (``mentions_for``),
+and the parts of a body found to hold many of them are searched string by string too.
 """
 
 from __future__ import annotations
@@ -199,12 +205,30 @@ def _bytes_search(keys: frozenset[bytes]) -> Callable[..., re.Match[bytes] | Non
 
 
 _NOTHING: Final = Found(frozenset(), frozenset(), False)
+_NEVER: Final = re.compile(b"(?!)")
+_SHORT_LIST: Final = 32
+"""Up to this many IDs, one regex with an alternative per ID finds their strings (what
+each alternative costs at each ``@`` is less than taking out every string); beyond,
+each string is taken out and looked up."""
 
 
 class Mentions:
     """A search for a set of user IDs (cache one per ignore list: ``mentions_for``)."""
 
-    __slots__ = ("_by_key", "_longest", "_others", "_others_escapes", "all_at", "ids", "is_key")
+    __slots__ = (
+        "_by_key",
+        "_longest",
+        "_others",
+        "_others_escapes",
+        "_others_ids",
+        "_short",
+        "all_at",
+        "chars",
+        "ids",
+        "is_key",
+        "short",
+        "short_escapes",
+    )
 
     def __init__(self, user_ids: Iterable[str]) -> None:
         self.ids = frozenset(user_ids)
@@ -225,7 +249,21 @@ class Mentions:
         self._longest = 12 * max(map(len, self.ids), default=0)
         """Bytes between the quotes of the longest spelling of an ID, or more."""
         self.all_at = not others
+        self._others_ids = others
         """Every ID starts with ``@`` (as every user ID does)."""
+        at_ids = [uid for uid in self.ids if uid.startswith("@")]
+        self.chars = frozenset("".join(at_ids))
+        """The characters of the IDs that start with ``@``."""
+        self.short: re.Pattern[bytes] | None = None
+        """For a short list: a search for the IDs' minimal spellings as whole strings
+        (as ``_AT_STRING`` finds them), valid where ``short_escapes`` finds nothing."""
+        self.short_escapes = escapes_of(self.chars) or _NEVER
+        """Escapes that could spell a character of an ID."""
+        self._short: dict[bytes, str] = {}
+        if 0 < len(at_ids) <= _SHORT_LIST:
+            self._short = {_minimal_spelling(uid) + b'"': uid for uid in at_ids}
+            rests = b"|".join(re.escape(key[1:]) for key in sorted(self._short))
+            self.short = re.compile(rb'@(?<="@)(?<!\\"@)(?:' + rests + b")")
         self._others: re.Pattern[bytes] | None = None
         self._others_escapes: re.Pattern[bytes] | None = None
         if others:
@@ -235,8 +273,21 @@ class Mentions:
 
     def found(self, data: bytes | memoryview | msgspec.Raw) -> Found:
         """Which of the IDs ``data`` holds as strings."""
-        if self._others is not None and self._others_found(data):
-            return Found(self.ids, frozenset(), True)
+        if self._others is not None:
+            if self._others_found(data):
+                return Found(self.ids, frozenset(), True)
+            if len(self._others_ids) == len(self.ids):
+                return _NOTHING  # no ID starts with "@": nothing more to look for
+        if self.short is not None and self.short_escapes.search(data) is None:
+            # no escape could spell a character of an ID: each is spelled minimally
+            short = set(self.short.findall(data))
+            ids = set(map(self._short.__getitem__, short))
+            keys = frozenset(map(_scan_key, (key[:-1] for key in short)))
+            return Found(frozenset(ids), keys, False) if ids else _NOTHING
+        return self.found_by_strings(data)
+
+    def found_by_strings(self, data: bytes | memoryview | msgspec.Raw) -> Found:
+        """``found`` for a list of any length (each string starting with ``@`` looked up)."""
         strings = set(_AT_STRING.findall(data))
         keys = self._by_key.keys() & strings  # iterates the smaller
         ids = set(map(self._by_key.__getitem__, keys))
