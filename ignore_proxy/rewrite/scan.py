@@ -245,12 +245,13 @@ class Mentions:
         """IDs by what ``_AT_STRING`` yields for their minimal spelling (for those with no
         escape in it: the others are found by decoding)."""
         self.is_key = by_key.__contains__
+        """Is this (an ``_AT_STRING`` match) the minimal spelling of one of the IDs?"""
         # each character as `\uXXXX`, or as two (a surrogate pair) outside the BMP
         self._longest = 12 * max(map(len, self.ids), default=0)
         """Bytes between the quotes of the longest spelling of an ID, or more."""
         self.all_at = not others
-        self._others_ids = others
         """Every ID starts with ``@`` (as every user ID does)."""
+        self._others_ids = others
         at_ids = [uid for uid in self.ids if uid.startswith("@")]
         self.chars = frozenset("".join(at_ids))
         """The characters of the IDs that start with ``@``."""
