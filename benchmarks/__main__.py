@@ -19,8 +19,9 @@ import tempfile
 import time
 import urllib.request
 from pathlib import Path
+from typing import Any
 
-from . import bodies, longpoll, rewrite_speed
+from . import bodies, long_lists, longpoll, rewrite_speed
 from .servers import (
     LUA,
     MEDIA,
@@ -155,7 +156,8 @@ class Bench:
         for proc in (proxy, proxy_info, proxy_one):
             proc.stop()
         polls = self._long_polls()
-        return self._report(results, stall, speed, polls)
+        lists = self._long_lists()
+        return self._report(results, stall, speed, polls, lists)
 
     def _check(self, bases: dict[str, tuple[str, Proc | None]]) -> None:
         """Every target answers, and the proxy really filters."""
@@ -222,8 +224,20 @@ class Bench:
         self.procs[-2].stop()
         return stats
 
+    def _long_lists(self) -> dict[str, Any]:
+        self.say("ignore lists of 10 and 10,000 entries, 1 MB /sync, one worker (fresh proxy)...")
+        sync = self.workdir / "sync_1m_no_list.json"
+        sync.write_bytes(long_lists.sync_body())
+        sync.chmod(0o644)
+        rounds = max(self.args.rounds, 2)
+        figures = long_lists.measure(self.workdir, sync, rounds, int(self.args.duration))
+        self.say(f"  CPU per /sync {figures['cpu_ms']}, ratio {figures['ratio']:.2f}, tiny p99 "
+                 f"beside {figures['tiny_beside_p99']:.1f} ms")  # fmt: skip
+        return figures
+
     def _report(self, results: dict[str, dict[str, list[WrkResult]]], stall: dict[str, WrkResult],
-                speed: dict[str, float], polls: dict[str, float]) -> int:  # fmt: skip
+                speed: dict[str, float], polls: dict[str, float],
+                lists: dict[str, Any]) -> int:  # fmt: skip
         rows = []
         failed = 0
         header = ("| target | direct req/s | nginx req/s | proxy req/s | ratio to nginx "
@@ -284,6 +298,9 @@ class Bench:
             f"| | | p99 {beside.p99_ms:.1f} ms (alone {alone.p99_ms:.1f} ms), "
             f"max {beside.max_ms:.0f} ms | | (reported) | | |"
         )
+        text, ok = long_lists.row(lists)
+        failed += not ok
+        rows.append(text)
         print()
         args = self.args
         print(f"ignore-proxy benchmark: {args.rounds} round(s) x {args.duration} s, "

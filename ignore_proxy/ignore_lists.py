@@ -23,6 +23,7 @@ __all__ = [
     "IgnoreListUnavailable",
     "PutRejection",
     "parse_ignored_users",
+    "parse_ignored_users_json",
     "validate_put_body",
 ]
 
@@ -41,6 +42,22 @@ class IgnoreListUnavailable(Exception):
     def __init__(self, status: int | None) -> None:
         super().__init__(f"ignore list unavailable (upstream status {status})")
         self.status = status
+
+
+class _ListContent(msgspec.Struct):
+    """The usual shape of the content, decoded without a dict for each ignored user
+    (a 4 MiB list holds ~150,000 of them: this takes its decode from ~130 to ~50 ms)."""
+
+    ignored_users: dict[str, msgspec.Raw]
+
+
+def parse_ignored_users_json(data: bytes) -> frozenset[str]:
+    """``parse_ignored_users`` of a JSON text; msgspec.DecodeError if it is none."""
+    try:
+        content = msgspec.json.decode(data, type=_ListContent)
+    except msgspec.ValidationError:  # another shape: judged as any other content
+        return parse_ignored_users(msgspec.json.decode(data))
+    return frozenset(u for u in content.ignored_users if is_user_id(u))
 
 
 def parse_ignored_users(content: object) -> frozenset[str]:
@@ -304,7 +321,7 @@ class IgnoreListStore:
             return frozenset()
         if response.status_code == 200:
             try:
-                return parse_ignored_users(msgspec.json.decode(response.content))
+                return parse_ignored_users_json(response.content)
             except msgspec.DecodeError:
                 pass
         log.warning("reading an ignore list failed: upstream status %d", response.status_code)

@@ -28,7 +28,7 @@ import msgspec
 from cachetools import LRUCache
 
 from .identity import WHOAMI_PATH, Credentials
-from .ignore_lists import account_data_path, parse_ignored_users
+from .ignore_lists import account_data_path, parse_ignored_users_json
 from .rewrite.push_rules import (
     ACTIONS,
     MAX_RULES,
@@ -169,7 +169,7 @@ async def _stored_list(
     if response.status_code != 200:
         raise PushRulesFailed(f"GET ignore list: status {response.status_code}")
     try:
-        return parse_ignored_users(msgspec.json.decode(response.content)) - {user_id}
+        return parse_ignored_users_json(response.content) - {user_id}
     except msgspec.DecodeError:
         raise PushRulesFailed("GET ignore list: not JSON") from None
 

@@ -3,10 +3,12 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import logging
 from collections.abc import Awaitable
 
 import httpx
+import msgspec
 import pytest
 import respx
 
@@ -17,6 +19,7 @@ from ignore_proxy.ignore_lists import (
     PutRejection,
     account_data_path,
     parse_ignored_users,
+    parse_ignored_users_json,
     validate_put_body,
 )
 
@@ -60,6 +63,27 @@ def test_parse_non_object_means_nobody_and_logs_no_contents(
         assert parse_ignored_users(bad) == frozenset()
     assert caplog.records
     assert "eve" not in caplog.text
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        b'{"ignored_users": {"@eve:evil.test": {}, "eve": 1, "@m:x": null}, "other": 1}',
+        b'{"ignored_users": {"@eve:evil.test": {}}, "ignored_users": {}}',
+        b'{"ignored_users": ["@eve:evil.test"]}',
+        b'{"ignored_users": "@eve:evil.test"}',
+        b"{}",
+        b'["@eve:evil.test"]',
+        b"null",
+    ],
+)
+def test_parse_json_reads_as_the_decoded_content_does(text: bytes) -> None:
+    assert parse_ignored_users_json(text) == parse_ignored_users(json.loads(text))
+
+
+def test_parse_json_refuses_what_is_not_json() -> None:
+    with pytest.raises(msgspec.DecodeError):
+        parse_ignored_users_json(b'{"ignored_users": {')
 
 
 # --- validate_put_body --------------------------------------------------------------------

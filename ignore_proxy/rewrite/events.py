@@ -10,7 +10,7 @@ from __future__ import annotations
 import re
 from bisect import bisect_right
 from collections.abc import Callable
-from itertools import accumulate, chain, compress, count
+from itertools import accumulate, chain
 from typing import Any, Final
 
 import msgspec
@@ -26,7 +26,7 @@ from .raw import (
     split_array,
     split_object,
 )
-from .scan import mentions_for
+from .scan import found_in
 from .types import IgnoreContext, Rewritten, StaleThread
 
 __all__ = [
@@ -141,9 +141,7 @@ class RewriteState:
     """Per-call state: the context, what may be present in the body, what was removed."""
 
     __slots__ = (
-        "_escapes",
-        "_search",
-        "always",
+        "_found",
         "anything",
         "ctx",
         "hidden_invites",
@@ -165,36 +163,26 @@ class RewriteState:
         self.shrunk = 0
         """Bytes the edits of a body split down to its events in one decode took out of
         its compact text (for the check that the body was that text)."""
-        present, escapes = mentions_for(ctx.ignored).present(body, ctx.ignored)
-        self.anything = bool(present)
-        """False if the body certainly mentions no ignored user (nothing to do)."""
-        mentions = mentions_for(present)
-        self.always = mentions.always or escapes
-        """Escapes may spell an ignored ID anywhere: check parts one by one."""
-        pattern = mentions.pattern(False)
-        self._search = pattern.search
-        self._escapes = mentions.escapes_in if escapes else None
+        found = found_in(body, ctx.ignored)
+        self.anything = found.always or bool(found.ids)
+        """False if the body certainly holds no ignored user's ID (nothing to do)."""
+        self._found = found
 
     def result(self, body: bytes) -> Rewritten:
         return Rewritten(body, self.removed, tuple(self.stale_threads), tuple(self.hidden_invites))
 
     def relevant(self, raw: Raw | bytes) -> bool:
-        """False if this part of the body certainly mentions no ignored user."""
-        return self._search(raw) is not None or (
-            self._escapes is not None and self._escapes(as_bytes(raw))
-        )
+        """False if this part of the body certainly holds no ignored user's ID."""
+        return self._found.relevant(raw)
 
     def relevant_indexes(self, raws: list[Raw]) -> list[int]:
-        """Indexes of the parts of ``raws`` that may mention an ignored user (ascending).
-        Without escapes to heed, one search each with no Python code per part."""
-        if self._escapes is not None or self.always:
-            return [index for index, raw in enumerate(raws) if self.relevant(raw)]
-        return list(compress(count(), map(self._search, raws)))
+        """Indexes of the parts of ``raws`` that may hold an ignored user's ID (ascending)."""
+        return self._found.relevant_indexes(raws)
 
     def relevant_items(self, lists: list[list[Raw]]) -> dict[int, list[int]]:
-        """For lists of raw items: the indexes of the items that may mention an ignored
-        user, by list (lists with none are left out). All items are searched at once,
-        as by ``relevant_indexes``."""
+        """For lists of raw items: the indexes of the items that may hold an ignored
+        user's ID, by list (lists with none are left out). All items are searched at
+        once, as by ``relevant_indexes``."""
         hits = self.relevant_indexes(list(chain.from_iterable(lists)))
         if not hits:
             return {}
