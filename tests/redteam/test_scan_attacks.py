@@ -38,6 +38,7 @@ from ignore_proxy.rewrite import (
     mentions_any,
     rewrite_guarded,
     rewrite_messages,
+    rewrite_sliding_sync,
     rewrite_sync,
 )
 from ignore_proxy.rewrite.guard import guard_body_exact
@@ -85,10 +86,10 @@ def leaks(value: Any, ignored: frozenset[str]) -> list[str]:
         node, path, key = stack.pop()
         if isinstance(node, dict):
             event = _is_event(node)
-            if event and node["sender"] in ignored and "state_key" not in node:
-                if not (key == "redacted_because" and _is_stub(node)):
-                    found.append(path)
-                    continue
+            hidden = event and node["sender"] in ignored and "state_key" not in node
+            if hidden and not (key == "redacted_because" and _is_stub(node)):
+                found.append(path)
+                continue
             content = node.get("content")
             if node.get("type") == "m.typing" and isinstance(content, dict):
                 users = content.get("user_ids")
@@ -123,6 +124,28 @@ def leaks(value: Any, ignored: frozenset[str]) -> list[str]:
                 and ev["content"].get("membership") == "invite"
             ):
                 found.append(f"/rooms/invite/{room_id}")
+    # sliding sync: a room whose stripped state's last membership of the user is an
+    # invite by an ignored user
+    for room_id, room in rooms.items() if isinstance(rooms, dict) else ():
+        if not isinstance(room, dict):
+            continue
+        for key in ("stripped_state", "invite_state"):
+            events = room.get(key)
+            members = [
+                e
+                for e in (events if isinstance(events, list) else [])
+                if isinstance(e, dict)
+                and e.get("type") == "m.room.member"
+                and e.get("state_key") == ME
+            ]
+            last = members[-1] if members else None
+            if (
+                last is not None
+                and last.get("sender") in ignored
+                and isinstance(last.get("content"), dict)
+                and last["content"].get("membership") == "invite"
+            ):
+                found.append(f"/rooms/{room_id}/{key}")
     return found
 
 
@@ -213,16 +236,36 @@ def thread_root(latest_sender: str) -> Obj:
     return ev(ALICE, unsigned=unsigned)
 
 
+def sliding(
+    timeline: list[Any],
+    ephemeral: list[Any] | None = None,
+    invite: list[Any] | None = None,
+    presence: list[Any] | None = None,
+) -> Obj:
+    """The same acts in a sliding sync answer (presence has no place there: dropped)."""
+    extensions: list[tuple[str, Any]] = []
+    for kind, name in (("m.typing", "typing"), ("m.receipt", "receipts")):
+        events = [e for e in ephemeral or [] if dict(e.pairs)["type"] == kind]
+        if events:
+            extensions.append((name, Obj([("rooms", Obj([(ROOM, events[-1])]))])))
+    room = Obj([("timeline", timeline), ("required_state", []), ("num_live", len(timeline))])
+    rooms = [(ROOM, room)]
+    if invite:
+        rooms.append(("!inv:x", Obj([("stripped_state", invite)])))
+    return Obj([("pos", "1"), ("rooms", Obj(rooms)), ("extensions", Obj(extensions))])
+
+
 def write(tree: Any, seed: int, escapes: bool) -> bytes:
     return Writer(random.Random(seed), escapes).write(tree).encode("utf-8", "surrogatepass")
 
 
 # --- generated: every place an ID matters, every spelling ---------------------------
 
+_chars = st.characters(blacklist_categories=["Cs"])
 _local = st.text(st.characters(blacklist_characters=":", blacklist_categories=["Cs"]),
                  min_size=1, max_size=4)  # fmt: skip
-_generated = st.builds(lambda local, server: f"@{local}:{server}", _local,
-                       st.text(st.characters(blacklist_categories=["Cs"]), min_size=1, max_size=4))  # fmt: skip
+_server = st.text(_chars, min_size=1, max_size=4)
+_generated = st.builds(lambda local, server: f"@{local}:{server}", _local, _server)
 _id = st.sampled_from(LENIENT) | _generated
 
 
@@ -258,7 +301,10 @@ def attacks(draw: st.DrawFn) -> tuple[frozenset[str], Obj]:
         timeline.append(ev(evil, state_key=""))
         timeline.append(ev(evil))
     draw(st.randoms(use_true_random=False)).shuffle(timeline)
-    return ignored, sync(timeline, ephemeral, invites, presences)
+    shape = sliding if draw(st.integers(0, 3)) == 0 else sync
+    if shape is sliding and place == "presence":
+        place, timeline = "timeline", [*timeline, ev(evil)]
+    return ignored, shape(timeline, ephemeral, invites, presences)
 
 
 @SETTINGS
@@ -269,13 +315,16 @@ def test_no_ignored_user_leaks_through_sync_in_any_spelling(
     ignored, tree = case
     body = write(tree, seed, escapes)
     assert leaks(json.loads(body), ignored)  # the attack is there to be caught
-    assert_no_leak(rewrite_sync, body, ignored)
+    is_sliding = tree.pairs[0][0] == "pos"
+    assert_no_leak(rewrite_sliding_sync if is_sliding else rewrite_sync, body, ignored)
     # the search itself: every ignored ID the body holds as a string is found, and
     # never one the old search ruled out
     truth = _strings(body) & ignored
-    found = Mentions(ignored).found(body)
-    assert found.always or truth <= found.ids
-    assert substring_scan.mentions_any(body, ignored) or not (found.ids or found.always)
+    assert mentions_any(body, ignored) or not truth
+    assert substring_scan.mentions_any(body, ignored) or not mentions_any(body, ignored)
+    if hasattr(Mentions, "found"):  # (not on main, whose search answers yes or no)
+        found = Mentions(ignored).found(body)
+        assert found.always or truth <= found.ids
 
 
 @SETTINGS
@@ -335,6 +384,51 @@ def _strings(data: bytes) -> set[str]:
         elif isinstance(node, str):
             found.add(node)
     return found
+
+
+@st.composite
+def _trees(draw: st.DrawFn) -> tuple[frozenset[str], Any]:
+    """Any JSON tree: lenient IDs as keys and values, events (state or not, duplicate
+    senders, redaction stubs) anywhere, an ignored ID next to each string it may hide in."""
+    ignored = draw(st.frozensets(_id, min_size=1, max_size=3))
+    names = sorted(ignored | {ALICE, "sender", "state_key", "content", "unsigned",
+                              "redacted_because", "{", '"', "\\"})  # fmt: skip
+    strings = st.sampled_from(names) | st.sampled_from(LENIENT) | st.text(max_size=3)
+    senders = st.sampled_from(sorted(ignored | {ALICE}))
+
+    def event(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Obj]:
+        def make(sender: str, state: bool, extra: list[tuple[str, Any]], dup: str | None) -> Obj:
+            pairs = [("event_id", "$e"), ("type", "t"), ("sender", sender), *extra]
+            if state:
+                pairs.append(("state_key", ""))
+            if dup is not None:
+                pairs.append(("sender", dup))
+            return Obj(pairs)
+
+        extra = st.lists(st.tuples(st.sampled_from(["unsigned", "content", "x"]), children),
+                         max_size=2)  # fmt: skip
+        return st.builds(make, senders, st.booleans(), extra, st.none() | senders)
+
+    def extend(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+        objects = st.lists(st.tuples(strings, children), max_size=3).map(Obj)
+        return st.lists(children, max_size=3) | objects | event(children)
+
+    leaves = st.none() | st.integers(-3, 3) | strings
+    return ignored, draw(st.recursive(leaves | event(leaves), extend, max_leaves=20))
+
+
+@SETTINGS
+@given(case=_trees(), seed=st.integers(0, 2**32), escapes=st.booleans())
+def test_any_tree_of_events_in_any_spelling(
+    case: tuple[frozenset[str], Any], seed: int, escapes: bool
+) -> None:
+    ignored, tree = case
+    body = write(Obj([("chunk", [tree])]), seed, escapes)
+    assert_no_leak(rewrite_messages, body, ignored)
+    if holds_no_ignored_event(body, ignored):
+        assert guard_body_exact(body, IgnoreContext(ignored, ME)) is None
+    truth = _strings(body) & ignored
+    assert mentions_any(body, ignored) or not truth
 
 
 # --- targeted bodies -----------------------------------------------------------------
@@ -509,3 +603,14 @@ def test_msgspec_and_stdlib_read_the_same_strings() -> None:
     for spelling in [b'"\\u0040evil:x"', b'"@\\/a"', b'"\\uD83D\\uDE00"', b'"\\u00e9"',
                      b'"\xe2\x80\xa8"', b'"\\u0000"']:  # fmt: skip
         assert msgspec.json.decode(spelling) == json.loads(spelling)
+
+
+@pytest.mark.xfail(strict=True, reason="a reader that decodes invalid UTF-8 as U+FFFD "
+                   "(fetch's text(), then JSON.parse) sees an ID the ignore list holds with "
+                   "U+FFFD; the byte search and the proxy's decoders (surrogateescape) do not. "
+                   "Also on main; no homeserver here writes invalid UTF-8.")  # fmt: skip
+def test_invalid_utf8_read_as_replacement_character() -> None:
+    ignored = frozenset({"@a\ufffd:x"})
+    body = _chunk(b'{"sender":"@a\xff:x"' + _EV_TAIL)
+    out = served(rewrite_messages, body, ignored)
+    assert out is None or leaks(json.loads(out.decode("utf-8", "replace")), ignored) == []
