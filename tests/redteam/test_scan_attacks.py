@@ -386,35 +386,57 @@ def _strings(data: bytes) -> set[str]:
     return found
 
 
+class _Slot(int):
+    """A place in a generated tree for one of the drawn ignored IDs (by index)."""
+
+
+def _fill(node: Any, ids: list[str]) -> Any:
+    if isinstance(node, _Slot):
+        return ids[node % len(ids)]
+    if isinstance(node, Obj):
+        return Obj([(_fill(k, ids), _fill(v, ids)) for k, v in node.pairs])
+    if isinstance(node, list):
+        return [_fill(v, ids) for v in node]
+    return node
+
+
+_NAMES = [ALICE, "sender", "state_key", "content", "unsigned", "redacted_because", "{", '"']
+_slot = st.integers(0, 2).map(_Slot)
+_tree_strings: st.SearchStrategy[Any] = (
+    _slot | st.sampled_from(_NAMES + LENIENT) | st.text(max_size=3)
+)
+_tree_senders = _slot | st.just(ALICE)
+
+
+def _tree_event(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Obj]:
+    def make(sender: Any, state: bool, extra: list[tuple[str, Any]], dup: Any) -> Obj:
+        pairs = [("event_id", "$e"), ("type", "t"), ("sender", sender), *extra]
+        if state:
+            pairs.append(("state_key", ""))
+        if dup is not None:
+            pairs.append(("sender", dup))
+        return Obj(pairs)
+
+    keys = st.sampled_from(["unsigned", "content", "redacted_because", "x"])
+    extra = st.lists(st.tuples(keys, children), max_size=2)
+    return st.builds(make, _tree_senders, st.booleans(), extra, st.none() | _tree_senders)
+
+
+def _tree_extend(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
+    objects = st.lists(st.tuples(_tree_strings, children), max_size=3).map(Obj)
+    return st.lists(children, max_size=3) | objects | _tree_event(children)
+
+
+_tree_leaves = st.none() | st.integers(-3, 3) | _tree_strings
+_tree_shapes = st.recursive(_tree_leaves | _tree_event(_tree_leaves), _tree_extend, max_leaves=20)
+
+
 @st.composite
 def _trees(draw: st.DrawFn) -> tuple[frozenset[str], Any]:
     """Any JSON tree: lenient IDs as keys and values, events (state or not, duplicate
-    senders, redaction stubs) anywhere, an ignored ID next to each string it may hide in."""
-    ignored = draw(st.frozensets(_id, min_size=1, max_size=3))
-    names = sorted(ignored | {ALICE, "sender", "state_key", "content", "unsigned",
-                              "redacted_because", "{", '"', "\\"})  # fmt: skip
-    strings = st.sampled_from(names) | st.sampled_from(LENIENT) | st.text(max_size=3)
-    senders = st.sampled_from(sorted(ignored | {ALICE}))
-
-    def event(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Obj]:
-        def make(sender: str, state: bool, extra: list[tuple[str, Any]], dup: str | None) -> Obj:
-            pairs = [("event_id", "$e"), ("type", "t"), ("sender", sender), *extra]
-            if state:
-                pairs.append(("state_key", ""))
-            if dup is not None:
-                pairs.append(("sender", dup))
-            return Obj(pairs)
-
-        extra = st.lists(st.tuples(st.sampled_from(["unsigned", "content", "x"]), children),
-                         max_size=2)  # fmt: skip
-        return st.builds(make, senders, st.booleans(), extra, st.none() | senders)
-
-    def extend(children: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
-        objects = st.lists(st.tuples(strings, children), max_size=3).map(Obj)
-        return st.lists(children, max_size=3) | objects | event(children)
-
-    leaves = st.none() | st.integers(-3, 3) | strings
-    return ignored, draw(st.recursive(leaves | event(leaves), extend, max_leaves=20))
+    senders, nested in content, unsigned and redacted_because) anywhere."""
+    ids = draw(st.lists(_id, min_size=1, max_size=3, unique=True))
+    return frozenset(ids), _fill(draw(_tree_shapes), ids)
 
 
 @SETTINGS
