@@ -3,18 +3,19 @@
 no ignored event" while a client's JSON reader sees an ignored user's event, invite,
 typing entry or receipt.
 
-Each body goes through what the proxy runs (``rewrite_guarded``: a route's rewriter,
-then the guard) and the answer is judged by a naive reference over ``json.loads`` of it:
-no ignored sender's non-state event outside event content (a redaction stub in
-``redacted_because`` allowed), no ignored user in ``m.typing``, no receipt keyed by one,
-no room the user was invited to by one, no presence of one. A refusal (``InvalidBody``,
-``IgnoredEventLeft``, ``SenderIgnored``) is a correct answer.
+Each body goes through what the proxy runs (the UTF-8 check of ``Services.read_answer``,
+then ``rewrite_guarded``: a route's rewriter, then the guard) and the answer is judged
+by a naive reference over ``json.loads`` of it: no ignored sender's non-state event
+outside event content (a redaction stub in ``redacted_because`` allowed), no ignored
+user in ``m.typing``, no receipt keyed by one, no room the user was invited to by one,
+no presence of one. A refusal (``InvalidBody``, ``IgnoredEventLeft``, ``SenderIgnored``)
+is a correct answer.
 
 Bodies are spelled with every JSON choice (escapes of any character, either hex case,
 ``\\/``, surrogate pairs, whitespace), with user IDs that are lenient (quotes,
 backslashes, control characters, non-BMP, U+2028, IDs that begin others) and with
-duplicate keys. Known gaps that are older than the new search are marked ``xfail``
-(strict): they document a reader that differs from every decoder here.
+duplicate keys, and in encodings a lenient reader accepts (UTF-16, encoded surrogates,
+invalid UTF-8 a browser reads as U+FFFD), which the proxy refuses before any rewriter.
 """
 
 from __future__ import annotations
@@ -30,6 +31,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
+from ignore_proxy.answer_body import NotUtf8Json, check_utf8_json
 from ignore_proxy.rewrite import (
     IgnoreContext,
     IgnoredEventLeft,
@@ -152,6 +154,10 @@ def leaks(value: Any, ignored: frozenset[str]) -> list[str]:
 def served(rewriter: Rewriter, body: bytes, ignored: frozenset[str]) -> bytes | None:
     """What the proxy sends for ``body`` (None: it refuses)."""
     ctx = IgnoreContext(ignored, ME)
+    try:
+        check_utf8_json([(b"content-type", b"application/json")], body)  # Services.read_answer
+    except NotUtf8Json:
+        return None
     if not mentions_any(body, ignored):
         return body  # relayed as it came (handlers.answer)
     try:
@@ -581,12 +587,9 @@ def test_many_ids_and_few_agree(ignored: frozenset[str]) -> None:
         assert_no_leak(rewriter, body, listed | ignored)
 
 
-# --- readers that differ from every decoder here (older than the new search) ---------
+# --- readers that differ from every decoder here: refused before any rewriter --------
 
 
-@pytest.mark.xfail(strict=True, reason="json.loads(bytes) reads UTF-8 surrogate bytes "
-                   "(surrogatepass); the proxy's decoders reject them or read surrogateescape. "
-                   "Also on main.")  # fmt: skip
 def test_utf8_encoded_surrogate_in_sender() -> None:
     ignored = frozenset({"@\ud800:x"})
     body = _chunk(b'{"sender":"@\xed\xa0\x80:x"' + _EV_TAIL)
@@ -594,8 +597,6 @@ def test_utf8_encoded_surrogate_in_sender() -> None:
     assert_no_leak(rewrite_messages, body, ignored)
 
 
-@pytest.mark.xfail(strict=True, reason="a UTF-16 body: json.loads(bytes) detects the "
-                   "encoding; the byte search sees no '\"@'. Also on main.")  # fmt: skip
 def test_utf16_body() -> None:
     ignored = frozenset({EVIL})
     body = _chunk(b'{"sender":"@evil:x"' + _EV_TAIL).decode().encode("utf-16-le")
@@ -627,10 +628,6 @@ def test_msgspec_and_stdlib_read_the_same_strings() -> None:
         assert msgspec.json.decode(spelling) == json.loads(spelling)
 
 
-@pytest.mark.xfail(strict=True, reason="a reader that decodes invalid UTF-8 as U+FFFD "
-                   "(fetch's text(), then JSON.parse) sees an ID the ignore list holds with "
-                   "U+FFFD; the byte search and the proxy's decoders (surrogateescape) do not. "
-                   "Also on main; no homeserver here writes invalid UTF-8.")  # fmt: skip
 def test_invalid_utf8_read_as_replacement_character() -> None:
     ignored = frozenset({"@a\ufffd:x"})
     body = _chunk(b'{"sender":"@a\xff:x"' + _EV_TAIL)
