@@ -8,7 +8,8 @@ all at once and times every answer.
     python -m benchmarks.longpoll serve PORT       # the upstream alone
 
 The proxy starts with a soft descriptor limit of 1,024 (what most systems start a process
-with), which it must raise by itself, and a hard limit of two per client plus a reserve.
+with), which it must raise by itself, and a hard limit of 17/8 per client (its own, its
+upstream one, the lookups' share) plus a reserve.
 Where the benchmark may not raise the hard limit that far (that needs CAP_SYS_RESOURCE),
 the proxy gets the benchmark's own, and the row says which.
 """
@@ -40,7 +41,7 @@ TARGET_COUNT = 5000
 TARGET_SLOWEST_S = 20.5
 TARGET_PSS_MIB = 150.0
 _SOFT_START = 1024  # the soft limit the proxy starts with, and must raise itself
-_RESERVE = 200  # descriptors beyond two per client: the proxy's own (descriptors.RESERVED)
+_RESERVE = 200  # beyond the clients': the proxy's own (descriptors.RESERVED)
 
 
 def _answer(body: bytes) -> bytes:
@@ -139,7 +140,7 @@ def _raise_own_limit() -> int:
 def _proxy_limits(count: int) -> tuple[int, int]:
     """(soft, hard) RLIMIT_NOFILE to start the proxy with: the hard one raised to what
     `count` clients need where this process may raise its own (CAP_SYS_RESOURCE)."""
-    wanted = 2 * count + _RESERVE
+    wanted = 17 * count // 8 + _RESERVE  # descriptors.connection_limit's accounting
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     if hard < wanted:
         try:
