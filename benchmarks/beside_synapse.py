@@ -74,13 +74,13 @@ class User:
 
 @dataclass
 class Probes:
-    """Latencies in seconds, by request kind and by where it was sent."""
+    """Latencies in seconds of each pair (straight to Synapse, through the proxy), by kind."""
 
-    times: dict[tuple[str, str], list[float]] = field(default_factory=dict)
+    pairs: dict[str, list[tuple[float, float]]] = field(default_factory=dict)
     errors: int = 0
 
-    def add(self, kind: str, via: str, seconds: float) -> None:
-        self.times.setdefault((kind, via), []).append(seconds)
+    def add(self, kind: str, direct: float, proxied: float) -> None:
+        self.pairs.setdefault(kind, []).append((direct, proxied))
 
 
 @dataclass
@@ -213,9 +213,10 @@ async def _probing(direct: httpx.AsyncClient, proxied: httpx.AsyncClient, bases:
         order = ["direct", "proxy"]
         rng.shuffle(order)
         try:
+            took = {}
             for via in order:
-                elapsed, answer = await _timed(clients[via], bases[via] + path, user.auth, params)
-                probes.add(kind, via, elapsed)
+                took[via], answer = await _timed(clients[via], bases[via] + path, user.auth, params)
+            probes.add(kind, took["direct"], took["proxy"])
             if kind == "sync":  # the next probe of this user: what came since this one
                 user.since = answer.json()["next_batch"]
         except httpx.HTTPError:
@@ -268,7 +269,7 @@ async def _measure(args: argparse.Namespace, workdir: Path) -> int:
 def _report(args: argparse.Namespace, load: Load, probes: Probes, proxy_cpu: float,
             synapse_cpu: float, load_average: float) -> int:  # fmt: skip
     share = proxy_cpu / synapse_cpu if synapse_cpu else float("inf")
-    direct_probes = sum(len(v) for (_, via), v in probes.times.items() if via == "direct")
+    direct_probes = sum(len(pairs) for pairs in probes.pairs.values())
     print()
     print(f"beside Synapse (no-ignore mode): {args.users} users in {args.rooms} rooms, "
           f"{args.seconds} s, proxy --workers {args.workers}, {os.cpu_count()} cores, "
@@ -285,26 +286,25 @@ def _report(args: argparse.Namespace, load: Load, probes: Probes, proxy_cpu: flo
           f"| {share:.1%} of Synapse's | <= {TARGET_CPU_SHARE:.0%} "
           f"| {'PASS' if ok else 'FAIL'} |")  # fmt: skip
     for kind in ("sync", "messages"):
-        direct = probes.times.get((kind, "direct"), [])
-        proxied = probes.times.get((kind, "proxy"), [])
-        if not direct or not proxied:
-            print(f"| `{kind}` | no probes | | | | FAIL |")
+        pairs = probes.pairs.get(kind, [])
+        label = "`/sync?since=...&timeout=0`" if kind == "sync" else "`/messages?dir=b&limit=20`"
+        if not pairs:
+            print(f"| {label} | no probes | | | | FAIL |")
             failed = True
             continue
-        p50 = [_percentile(t, 0.5) * 1000 for t in (direct, proxied)]
-        p99 = [_percentile(t, 0.99) * 1000 for t in (direct, proxied)]
-        added = p50[1] - p50[0]
+        direct = [d * 1000 for d, _ in pairs]
+        proxied = [p * 1000 for _, p in pairs]
+        # What the proxy adds: the median of each pair's difference (the two requests of a
+        # pair were sent back to back, so a busy moment of the machine hits both).
+        added = statistics.median(p - d for d, p in zip(direct, proxied, strict=True))
         ok = added <= TARGET_ADDED_P50_MS
         failed |= not ok
-        label = "`/sync?since=...&timeout=0`" if kind == "sync" else "`/messages?dir=b&limit=20`"
-        print(f"| {label} p50 ({len(direct)} pairs) | {p50[0]:.1f} ms | {p50[1]:.1f} ms "
-              f"| {added:+.1f} ms | <= {TARGET_ADDED_P50_MS:.0f} ms | "
-              f"{'PASS' if ok else 'FAIL'} |")  # fmt: skip
+        verdict = "PASS" if ok else "FAIL"
+        print(f"| {label} p50 ({len(pairs)} pairs) | {_percentile(direct, 0.5):.1f} ms "
+              f"| {_percentile(proxied, 0.5):.1f} ms | {added:+.1f} ms (median of the pairs' "
+              f"differences) | <= {TARGET_ADDED_P50_MS:.0f} ms | {verdict} |")  # fmt: skip
+        p99 = _percentile(direct, 0.99), _percentile(proxied, 0.99)
         print(f"| {label} p99 | {p99[0]:.1f} ms | {p99[1]:.1f} ms | {p99[1] - p99[0]:+.1f} ms "
-              f"| (reported) | |")  # fmt: skip
-        print(f"| {label} mean | {statistics.fmean(direct) * 1000:.1f} ms "
-              f"| {statistics.fmean(proxied) * 1000:.1f} ms "
-              f"| {(statistics.fmean(proxied) - statistics.fmean(direct)) * 1000:+.1f} ms "
               f"| (reported) | |")  # fmt: skip
     print(f"\n{'all targets met' if not failed else 'target(s) not met'}")
     return 0
