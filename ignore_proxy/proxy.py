@@ -81,9 +81,11 @@ class Proxy:
         handler = exchange.handler = asyncio.current_task()
         assert handler is not None
         hook = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        if not isinstance(hook, DisconnectHook):
+            hook = None
         watcher: list[asyncio.Task[None]] = []
         watch_later: asyncio.TimerHandle | None = None
-        if isinstance(hook, DisconnectHook):
+        if hook is not None:  # the server calls the request back when its client leaves
             hook.callback = exchange.client_left
         else:
             # Most answers are done before a watcher would matter: start it after a while.

@@ -163,12 +163,12 @@ def serve(
     """Serve until stopped: one process (`sockets` None), or one worker of several, whose
     metrics the parent serves (`workers.py`). A taken address raises `CannotStart`."""
     logs.configure(settings)
-    _raise_open_files_limit(settings)
     if sockets is None:  # one process: its addresses bound before anything runs
         sockets = [startup.bind("listen", settings.listen)]
         if settings.metrics.listen:
             sockets.append(startup.bind("metrics.listen", settings.metrics.listen))
         logs.log_start(settings)
+    _raise_open_files_limit(settings)
     servers = listeners(settings, with_metrics=len(sockets) > 1)
     _settle_heap()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
