@@ -29,16 +29,13 @@ from .servers import (
     SYNC_1M,
     SYNC_8M,
     TINY,
-    PeakPss,
     Proc,
     WrkResult,
     cpu_seconds,
     free_port,
     nginx_conf,
-    peak_rss_mib,
     start_nginx,
     start_proxy,
-    wait_port,
     wrk,
 )  # fmt: skip
 
@@ -192,37 +189,16 @@ class Bench:
                  f" ms (max {beside.max_ms:.0f} ms); 8 MB syncs {syncs:.1f}/s")  # fmt: skip
         return {"alone": alone, "beside": beside, "syncs_per_s": syncs}  # type: ignore[dict-item]
 
-    def _long_polls(self) -> dict[str, float]:
-        count = self.args.long_polls
-        self.say(f"{count} concurrent /sync?timeout=20000 long-polls (fresh proxy)...")
-        up_port, px_port = free_port(), free_port()
-        upstream = subprocess.Popen([sys.executable, "-m", "benchmarks.longpoll", str(up_port)],
-                                    cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
-        self.procs.append(Proc("longpoll-upstream", upstream))
-        wait_port(up_port)
-        proxy = start_proxy(f"http://127.0.0.1:{up_port}", px_port, "warning",
-                            self.workdir / "proxy-longpoll.log",
-                            {"IGNORE_PROXY_WORKERS": str(self.args.workers)})  # fmt: skip
-        self.procs.append(proxy)
-        _get(f"http://127.0.0.1:{px_port}/_matrix/client/v3/sync?since=warm")  # learn the user
-        before = cpu_seconds(proxy.pid)
-        started = time.monotonic()
-        with PeakPss(proxy.pid) as pss:
-            times, failures = longpoll.run_client(px_port, count)
-        elapsed = time.monotonic() - started
-        stats = {
-            "count": count, "answered": len(times), "failures": len(failures),
-            "max_s": max(times) if times else float("nan"),
-            "median_s": statistics.median(times) if times else float("nan"),
-            "elapsed_s": elapsed, "peak_rss_mib": peak_rss_mib(proxy.pid),
-            "peak_pss_mib": pss.peak,
-            "cpu_s": cpu_seconds(proxy.pid) - before,
-        }  # fmt: skip
-        if failures:
-            self.say(f"  failures: {sorted(set(failures))[:5]}")
-        proxy.stop()
-        self.procs[-2].stop()
-        return stats
+    def _long_polls(self) -> list[dict[str, float]]:
+        """Thousands of idle clients: a fresh proxy (default settings, one worker) each."""
+        runs = []
+        for count in self.args.long_polls:
+            self.say(f"{count} concurrent /sync?timeout=20000 long-polls (fresh proxy)...")
+            stats = longpoll.measure(count, self.workdir)
+            if stats["failures"]:
+                self.say(f"  failures: {stats['failure_kinds']}")
+            runs.append(stats)
+        return runs
 
     def _long_lists(self) -> dict[str, Any]:
         self.say("ignore lists of 10 and 10,000 entries, 1 MB /sync, one worker (fresh proxy)...")
@@ -236,7 +212,7 @@ class Bench:
         return figures
 
     def _report(self, results: dict[str, dict[str, list[WrkResult]]], stall: dict[str, WrkResult],
-                speed: dict[str, float], polls: dict[str, float],
+                speed: dict[str, float], polls: list[dict[str, float]],
                 lists: dict[str, Any]) -> int:  # fmt: skip
         rows = []
         failed = 0
@@ -263,20 +239,9 @@ class Bench:
             if "proxy+log" in res:
                 rows.append(_beside("default `info` access log", res["proxy+log"], res["nginx"],
                                     "info"))  # fmt: skip
-        # Memory: the peak of the workers' summed PSS (shared pages counted once); the
-        # sum of their VmHWM double-counts what they share, and is shown beside it.
-        ok = (polls["answered"] == polls["count"] and polls["max_s"] <= 21.0
-              and polls["peak_pss_mib"] <= 120)  # fmt: skip
-        failed += not ok
-        rows.append(
-            f"| {polls['count']:.0f} concurrent `/sync?timeout=20000` long-polls "
-            f"| | | {polls['answered']:.0f} answered, slowest {polls['max_s']:.2f} s after "
-            f"being sent (last of all at {polls['elapsed_s']:.2f} s), "
-            f"peak memory {polls['peak_pss_mib']:.0f} MiB (PSS; VmHWM summed over the "
-            f"processes {polls['peak_rss_mib']:.0f} MiB) | | all, <= 21 s, <= 120 MiB "
-            f"| {polls['cpu_s'] / max(polls['count'], 1) * 1e6:,.0f} "
-            f"| {'PASS' if ok else 'FAIL'} |"
-        )
+        for stats in polls:
+            failed += stats["count"] == longpoll.TARGET_COUNT and not longpoll.meets_target(stats)
+            rows.append(longpoll.row(stats))
         ok = speed["ours_mb_s"] >= 250 and speed["speedup"] >= 2
         failed += not ok
         rows.append(
@@ -325,7 +290,9 @@ def main() -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                         help="the proxy's workers (default: the cores, as nginx's "
                         "worker_processes auto); one worker is measured beside it")  # fmt: skip
-    parser.add_argument("--long-polls", type=int, default=2000)
+    parser.add_argument("--long-polls", type=int, nargs="+",
+                        default=[longpoll.TARGET_COUNT, 10_000],
+                        help="concurrent long-polls, one fresh proxy each")  # fmt: skip
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
     parser.add_argument("--repeat", type=int, default=25, help="8 MB rewrite repetitions")
     args = parser.parse_args()

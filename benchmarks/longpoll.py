@@ -1,19 +1,47 @@
-"""2,000 concurrent `/sync?timeout=20000` long-polls: an upstream that holds each sync
-for its timeout (as a homeserver with nothing new does) and a client that opens them all
-at once and times every answer.
+"""Thousands of idle clients: concurrent `/sync?timeout=20000` long-polls through a fresh
+proxy with its default settings and one worker, against an upstream that holds each sync
+for its timeout (as a homeserver with nothing new does), from a client that opens them
+all at once and times every answer.
 
-`python -m benchmarks.longpoll PORT` serves the upstream.
+    python -m benchmarks.longpoll                  # 5,000 (the target), then 10,000
+    python -m benchmarks.longpoll --clients 2000   # any counts
+    python -m benchmarks.longpoll serve PORT       # the upstream alone
+
+The proxy starts with a soft descriptor limit of 1,024 (what most systems start a process
+with), which it must raise by itself, and a hard limit of 17/8 per client (its own, its
+upstream one, the lookups' share) plus a reserve.
+Where the benchmark may not raise the hard limit that far (that needs CAP_SYS_RESOURCE),
+the proxy gets the benchmark's own, and the row says which.
 """
 
 from __future__ import annotations
 
+import argparse
 import asyncio
+import os
+import resource
+import shutil
+import statistics
+import subprocess
 import sys
+import tempfile
 import time
+import urllib.request
+from collections.abc import Coroutine
+from pathlib import Path
+from typing import Any, TypeVar
 
 from . import bodies
+from .servers import PeakPss, Proc, cpu_seconds, free_port, peak_rss_mib, start_proxy, wait_port
+
+T = TypeVar("T")
 
 HOLD = 20.0
+TARGET_COUNT = 5000
+TARGET_SLOWEST_S = 20.5
+TARGET_PSS_MIB = 150.0
+_SOFT_START = 1024  # the soft limit the proxy starts with, and must raise itself
+_RESERVE = 200  # beyond the clients': the proxy's own (descriptors.RESERVED)
 
 
 def _answer(body: bytes) -> bytes:
@@ -50,7 +78,7 @@ class _Upstream(asyncio.Protocol):
 
 async def serve(port: int) -> None:
     loop = asyncio.get_running_loop()
-    server = await loop.create_server(_Upstream, "127.0.0.1", port, backlog=8192)
+    server = await loop.create_server(_Upstream, "127.0.0.1", port, backlog=65535)
     async with server:
         await server.serve_forever()
 
@@ -60,7 +88,7 @@ async def _one(port: int, request: bytes, results: list[float], failures: list[s
         reader, writer = await asyncio.open_connection("127.0.0.1", port)
         writer.write(request)
         # From the moment the request is sent: what the client sees as its long-poll.
-        # (Opening 2,000 connections at once costs this client's own loop time too.)
+        # (Opening thousands of connections at once costs this client's own loop time too.)
         started = time.monotonic()
         head = await reader.readuntil(b"\r\n\r\n")
         status = head.split(b" ", 2)[1]
@@ -68,10 +96,12 @@ async def _one(port: int, request: bytes, results: list[float], failures: list[s
         for line in head.split(b"\r\n"):
             if line.lower().startswith(b"content-length:"):
                 length = int(line.split(b":", 1)[1])
-        await reader.readexactly(length)
+        body = await reader.readexactly(length)
         writer.close()
         if status != b"200":
             failures.append(status.decode())
+        elif bodies.IGNORED.encode() in body:
+            failures.append("unfiltered")
         else:
             results.append(time.monotonic() - started)
     except Exception as exc:
@@ -88,19 +118,130 @@ async def poll_all(port: int, count: int) -> tuple[list[float], list[str]]:
     return results, failures
 
 
-def run_client(port: int, count: int) -> tuple[list[float], list[str]]:
+def _run(coro: Coroutine[Any, Any, T]) -> T:
     try:
         import uvloop
-
-        return uvloop.run(poll_all(port, count))
     except ImportError:
-        return asyncio.run(poll_all(port, count))
+        return asyncio.run(coro)
+    return uvloop.run(coro)
+
+
+def run_client(port: int, count: int) -> tuple[list[float], list[str]]:
+    return _run(poll_all(port, count))
+
+
+def _raise_own_limit() -> int:
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft < hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return hard
+
+
+def _proxy_limits(count: int) -> tuple[int, int]:
+    """(soft, hard) RLIMIT_NOFILE to start the proxy with: the hard one raised to what
+    `count` clients need where this process may raise its own (CAP_SYS_RESOURCE)."""
+    wanted = 17 * count // 8 + _RESERVE  # descriptors.connection_limit's accounting
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard < wanted:
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (soft, wanted))
+            hard = wanted
+        except (ValueError, OSError):
+            pass  # the machine's limit: the row says which
+    return min(_SOFT_START, hard), hard
+
+
+def measure(count: int, workdir: Path) -> dict[str, float]:
+    """One fresh upstream and proxy (default settings, one worker), `count` long-polls."""
+    _raise_own_limit()
+    soft, hard = _proxy_limits(count)
+    up_port, px_port = free_port(), free_port()
+    procs: list[Proc] = []
+    try:
+        command = [sys.executable, "-m", "benchmarks.longpoll", "serve", str(up_port)]
+        upstream = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent)
+        procs.append(Proc("longpoll-upstream", upstream))
+        wait_port(up_port)
+        env = {"IGNORE_PROXY_WORKERS": "1"}
+        proxy = start_proxy(f"http://127.0.0.1:{up_port}", px_port, "warning",
+                            workdir / f"proxy-longpoll-{count}.log", env,
+                            open_files=(soft, hard))  # fmt: skip
+        procs.append(proxy)
+        request = urllib.request.Request(
+            f"http://127.0.0.1:{px_port}/_matrix/client/v3/sync?since=warm",
+            headers={"Authorization": f"Bearer {bodies.TOKEN}"},
+        )
+        with urllib.request.urlopen(request, timeout=30) as response:  # learn the user
+            response.read()
+        before = cpu_seconds(proxy.pid)
+        load = os.getloadavg()[0]
+        started = time.monotonic()
+        with PeakPss(proxy.pid) as pss:
+            times, failures = run_client(px_port, count)
+        elapsed = time.monotonic() - started
+        return {
+            "count": count, "answered": len(times), "failures": len(failures),
+            "failure_kinds": ", ".join(sorted(set(failures))[:5]),  # type: ignore[dict-item]
+            "max_s": max(times) if times else float("nan"),
+            "median_s": statistics.median(times) if times else float("nan"),
+            "elapsed_s": elapsed, "peak_rss_mib": peak_rss_mib(proxy.pid),
+            "peak_pss_mib": pss.peak, "cpu_s": cpu_seconds(proxy.pid) - before,
+            "open_files_hard": hard, "load": load,
+        }  # fmt: skip
+    finally:
+        for proc in reversed(procs):
+            proc.stop()
+
+
+def meets_target(stats: dict[str, float]) -> bool:
+    return (stats["answered"] == stats["count"] and stats["max_s"] <= TARGET_SLOWEST_S
+            and stats["peak_pss_mib"] <= TARGET_PSS_MIB)  # fmt: skip
+
+
+def row(stats: dict[str, float]) -> str:
+    """A row of the `python -m benchmarks` table."""
+    count = int(stats["count"])
+    target = count == TARGET_COUNT
+    verdict = ("PASS" if meets_target(stats) else "FAIL") if target else "(reported)"
+    failed = (
+        f", {stats['failures']:.0f} failed ({stats['failure_kinds']})" if stats["failures"] else ""
+    )
+    return (
+        f"| {count:,} concurrent `/sync?timeout=20000` long-polls, one worker, default "
+        f"settings (open files hard limit {stats['open_files_hard']:,.0f}) | | "
+        f"| {stats['answered']:,.0f} answered and filtered{failed}, slowest "
+        f"{stats['max_s']:.2f} s after being sent (median {stats['median_s']:.2f} s), peak "
+        f"memory {stats['peak_pss_mib']:.0f} MiB (PSS; VmHWM {stats['peak_rss_mib']:.0f} MiB), "
+        f"load {stats['load']:.1f} at start | "
+        f"| {f'all, <= {TARGET_SLOWEST_S} s, <= {TARGET_PSS_MIB:.0f} MiB' if target else ''} "
+        f"| {stats['cpu_s'] / max(count, 1) * 1e6:,.0f} | {verdict} |"
+    )  # fmt: skip
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.longpoll",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    parser.add_argument("--clients", type=int, nargs="+", default=[TARGET_COUNT, 10_000])
+    args = parser.parse_args()
+    workdir = Path(tempfile.mkdtemp(prefix="ignore-proxy-longpoll-"))
+    try:
+        rows = []
+        for count in args.clients:
+            print(f"{count} long-polls...", file=sys.stderr, flush=True)
+            stats = measure(count, workdir)
+            rows.append(row(stats))
+            print(rows[-1], flush=True)
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return 0
 
 
 if __name__ == "__main__":
-    try:
-        import uvloop
-
-        uvloop.run(serve(int(sys.argv[1])))
-    except ImportError:
-        asyncio.run(serve(int(sys.argv[1])))
+    if len(sys.argv) == 3 and sys.argv[1] == "serve":
+        _raise_own_limit()
+        _run(serve(int(sys.argv[2])))
+    else:
+        sys.exit(main())

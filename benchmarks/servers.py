@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import signal
 import socket
 import subprocess
@@ -142,12 +143,20 @@ def start_nginx(conf: Path, ports: list[int]) -> Proc:
 
 
 def start_proxy(upstream: str, port: int, level: str, log: Path,
-                extra_env: dict[str, str] | None = None) -> Proc:  # fmt: skip
+                extra_env: dict[str, str] | None = None,
+                open_files: tuple[int, int] | None = None) -> Proc:  # fmt: skip
+    """`open_files`: the (soft, hard) RLIMIT_NOFILE to start it with."""
     env = dict(os.environ, IGNORE_PROXY_LOGGING_LEVEL=level, **(extra_env or {}))
+
+    def limit() -> None:
+        if open_files is not None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
+
     popen = subprocess.Popen(
         [sys.executable, "-m", "ignore_proxy", "--upstream", upstream,
          "--listen", f"127.0.0.1:{port}"],
         env=env, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=log.open("ab"),
+        preexec_fn=limit if open_files is not None else None,
     )  # fmt: skip
     wait_port(port)
     return Proc("ignore-proxy", popen)

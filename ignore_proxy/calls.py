@@ -7,8 +7,8 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
-from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
 from typing import TYPE_CHECKING, Literal
 
 import httpx
@@ -56,6 +56,20 @@ class ListUnavailable(Exception):
     """The user's ignore list could not be learned and no earlier one is known."""
 
 
+# The key of a request's `DisconnectHook` in `scope["extensions"]` (http_protocol.py).
+DISCONNECT_EXTENSION = "ignore_proxy.disconnect"
+
+
+class DisconnectHook:
+    """Where the server calls a request back if its client goes away before the answer
+    is complete (http_protocol.py): no task has to await `receive()` the whole time."""
+
+    __slots__ = ("callback",)
+
+    def __init__(self) -> None:
+        self.callback: Callable[[], None] | None = None
+
+
 @dataclass(slots=True)
 class Exchange:
     """The client side of one request: its body as it arrives, and whether it is still there."""
@@ -63,13 +77,15 @@ class Exchange:
     receive: Receive
     send_raw: Send
     body_limit: int
-    body_done: asyncio.Event = field(default_factory=asyncio.Event)
+    body_done: bool = False
     response_done: bool = False
     client_gone: bool = False
     route: str = PASSTHROUGH  # the route class, for logs and metrics
     status: int = 0
     # Made only when a line other than the access line needs it, which then shows the same.
     request_id: str | None = None
+    handler: asyncio.Task[None] | None = None  # cancelled when the client goes away
+    _body_read: asyncio.Future[None] | None = None  # awaited by `watch_disconnect`
 
     async def send(self, message: Message) -> None:
         if message["type"] == "http.response.start":
@@ -92,21 +108,30 @@ class Exchange:
             if chunk:
                 yield chunk
             if not message.get("more_body", False):
-                self.body_done.set()
+                self.body_done = True
+                if self._body_read is not None and not self._body_read.done():
+                    self._body_read.set_result(None)
                 return
 
     async def read_body(self) -> bytes:
         return b"".join([chunk async for chunk in self.body_chunks()])
 
-    async def watch_disconnect(self, handler: asyncio.Task[None]) -> None:
-        """Cancel the handler when the client goes away, so its upstream request is released."""
-        await self.body_done.wait()
+    def client_left(self) -> None:
+        """The client went away (the server's hook): cancel the handler, so its upstream
+        request is released, unless the answer had been given whole."""
+        if not self.response_done and self.handler is not None:
+            self.client_gone = True
+            self.handler.cancel()
+
+    async def watch_disconnect(self) -> None:
+        """`client_left` when `receive` says so: for a server without the hook."""
+        if not self.body_done:
+            self._body_read = asyncio.get_running_loop().create_future()
+            await self._body_read
         while True:
             message = await self.receive()
             if message["type"] == "http.disconnect":
-                if not self.response_done:
-                    self.client_gone = True
-                    handler.cancel()
+                self.client_left()
                 return
 
 
@@ -121,7 +146,7 @@ class Call:
     body: Body  # as forwarded
     creds: Credentials | None = None
     # Who asks (and, where needed, their list loaded), learned beside the upstream request.
-    user_lookup: asyncio.Task[str] | None = None
+    user_lookup: asyncio.Future[str] | None = None
     path_event: asyncio.Task[lookups.EventHead] | None = None
     new_list: frozenset[str] | None = None  # an ignore-list write's
     user_to_evict: str | None = None
@@ -189,10 +214,18 @@ class Services:
 
     def start_user_and_list(self, call: Call, *, load_list: bool) -> None:
         """Learn who asks (and their list) alongside the upstream request."""
-        if call.creds is not None:
-            call.user_lookup = asyncio.create_task(
-                self._user_and_list(call.creds, load_list=load_list)
-            )
+        creds = call.creds
+        if creds is None:
+            return
+        user_id = self.identity.cached(creds)
+        if user_id is not None and (not load_list or self.ignore_lists.fresh(user_id)):
+            # Both known (the usual request): no task, which thousands of requests
+            # parked in /sync would each hold.
+            known: asyncio.Future[str] = asyncio.get_running_loop().create_future()
+            known.set_result(user_id)
+            call.user_lookup = known
+            return
+        call.user_lookup = asyncio.create_task(self._user_and_list(creds, load_list=load_list))
 
     async def _user_and_list(self, creds: Credentials, *, load_list: bool) -> str:
         try:

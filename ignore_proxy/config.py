@@ -50,8 +50,9 @@ class Timeouts(_Section, frozen=True):
 
 
 class Limits(_Section, frozen=True):
-    # Enough for every idle long-poll of a busy server: each holds one connection.
-    max_connections: PositiveInt = 4096
+    # Upstream connections at once (each idle long-poll holds one); 0: as many as the
+    # open files limit leaves room for (descriptors.py).
+    max_connections: NonNegativeInt = 0
     max_keepalive_connections: NonNegativeInt = 512
     # Request bodies larger than this are refused with 413; 0 means no limit of our own.
     max_request_body: NonNegativeInt = 0

@@ -275,6 +275,14 @@ class IdentityResolver:
         # shield: a cancelled caller must not cancel the lookup the others wait for
         return await asyncio.shield(flight.task)
 
+    def cached(self, creds: Credentials) -> str | None:
+        """The user ID if known now (no lookup): `resolve` without a coroutine, for the
+        usual request, whose token was seen within the TTL."""
+        user_id = self._cache.get(creds)
+        if user_id is not None:
+            self.hits += 1
+        return user_id
+
     def forget_token(self, access_token: str) -> None:
         """Drop every cached identity of this token (logout, upstream 401)."""
         for key in list(self._by_token.get(access_token, ())):

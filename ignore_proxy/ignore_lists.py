@@ -212,6 +212,14 @@ class IgnoreListStore:
         entry = self._entries.get(user_id)
         return entry is None or self._timer() >= entry.fresh_until
 
+    def fresh(self, user_id: str) -> bool:
+        """Whether `ensure_fresh` would return at once (and count the hit it would)."""
+        entry = self._entries.get(user_id)
+        if entry is not None and self._timer() < entry.fresh_until:
+            self.hits += 1
+            return True
+        return False
+
     def known(self, user_id: str) -> bool:
         """Whether a list is in memory (not forgotten, say by a sibling worker's change)."""
         return user_id in self._entries

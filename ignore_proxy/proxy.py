@@ -14,7 +14,15 @@ import time
 
 from starlette.types import Receive, Scope, Send
 
-from .calls import Body, Call, ClientGone, Exchange, Services
+from .calls import (
+    DISCONNECT_EXTENSION,
+    Body,
+    Call,
+    ClientGone,
+    DisconnectHook,
+    Exchange,
+    Services,
+)
 from .config import Settings
 from .handlers import Handler
 from .identity import Credentials, CredentialsRefused, credentials_from_request
@@ -34,7 +42,8 @@ from .upstream import (
 )
 
 # Seconds before a request starts watching for its client going away (a long-poll, a big
-# download): cancelling it then releases its upstream connection at once.
+# download), where the server has no `DisconnectHook` (h11): cancelling it then releases
+# its upstream connection at once.
 _WATCH_DISCONNECT_AFTER = 0.2
 
 # Headers that make a homeserver send part of a body, or none (a 304 leaves the client
@@ -67,16 +76,23 @@ class Proxy:
             return
         exchange = Exchange(receive, send, self.settings.limits.max_request_body)
         if not _has_body(scope["headers"]):
-            exchange.body_done.set()
+            exchange.body_done = True
         started = time.perf_counter()
-        handler = asyncio.current_task()
+        handler = exchange.handler = asyncio.current_task()
         assert handler is not None
+        hook = scope.get("extensions", {}).get(DISCONNECT_EXTENSION)
+        if not isinstance(hook, DisconnectHook):
+            hook = None
         watcher: list[asyncio.Task[None]] = []
-        # Most answers are done before a watcher would matter: start it only after a while.
-        watch_later = asyncio.get_running_loop().call_later(
-            _WATCH_DISCONNECT_AFTER,
-            lambda: watcher.append(asyncio.create_task(exchange.watch_disconnect(handler))),
-        )
+        watch_later: asyncio.TimerHandle | None = None
+        if hook is not None:  # the server calls the request back when its client leaves
+            hook.callback = exchange.client_left
+        else:
+            # Most answers are done before a watcher would matter: start it after a while.
+            watch_later = asyncio.get_running_loop().call_later(
+                _WATCH_DISCONNECT_AFTER,
+                lambda: watcher.append(asyncio.create_task(exchange.watch_disconnect())),
+            )
         try:
             await self._handle(scope, exchange)
         except asyncio.CancelledError:
@@ -86,9 +102,13 @@ class Proxy:
         except ClientGone:
             return
         finally:
-            watch_later.cancel()
+            if hook is not None:
+                hook.callback = None
+            if watch_later is not None:
+                watch_later.cancel()
             for task in watcher:
                 task.cancel()
+            exchange.handler = None
             status = exchange.status if exchange.status else "disconnected"
             self.metrics.count_request(exchange.route, status)
             log_request(
@@ -129,7 +149,7 @@ class Proxy:
         # Credentials are read from exactly what goes upstream: a header named in
         # `Connection` is dropped here, so it must not decide whose list applies.
         headers = forwardable(scope["headers"], REQUEST_ONLY)
-        body = None if exchange.body_done.is_set() else exchange.body_chunks()
+        body = None if exchange.body_done else exchange.body_chunks()
         try:
             found = match(method, raw_path, push_rules=self.settings.ignore.suppress_push)
         except AmbiguousPath:

@@ -27,7 +27,10 @@ EXIT_FAILED = 1  # a worker ended on its own; healthcheck: not healthy (whatever
 EXIT_CONFIG = 2  # a configuration error (or a command-line usage error, from argparse)
 EXIT_CANNOT_START = 3  # an address could not be bound (taken, not permitted, not local)
 
-_BACKLOG = 4096
+# Connections the kernel completes before the proxy accepts them: thousands of clients
+# reconnecting at once (a restart) must not overflow it, or each waits a SYN-ACK
+# retransmission (1 s, then 2 s...). The kernel caps it at net.core.somaxconn.
+LISTEN_BACKLOG = 65535
 
 
 class CannotStart(Exception):
@@ -44,7 +47,7 @@ def bind(key: str, address: str, *, reuse_port: bool = False) -> socket.socket:
         if reuse_port:  # the workers share the address; the kernel spreads connections
             sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
-        sock.listen(_BACKLOG)
+        sock.listen(LISTEN_BACKLOG)
     except OSError as exc:
         sock.close()
         reason = exc.strerror or str(exc)

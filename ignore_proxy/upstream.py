@@ -12,6 +12,7 @@ import httpx
 
 from . import pool as pool_errors
 from .config import Settings
+from .descriptors import connection_limit
 from .logs import log_upstream_failure
 from .pool import Body, ExchangeTimeouts, RawHeaders, UpstreamPool
 
@@ -161,7 +162,7 @@ def create_pool(settings: Settings) -> UpstreamPool:
     """The pool clients' requests are forwarded through."""
     return UpstreamPool(
         settings.upstream,
-        max_connections=settings.limits.max_connections,
+        max_connections=connection_limit(settings.limits.max_connections),
         max_keepalive_connections=settings.limits.max_keepalive_connections,
         keepalive_expiry=KEEPALIVE_EXPIRY,
         max_header_bytes=settings.limits.max_header_bytes,
@@ -174,7 +175,7 @@ def create_lookup_pool(settings: Settings) -> UpstreamPool:
     so lookups queued behind forwarded requests for the same connections could wait for
     each other until the pool timeout, whenever as many requests as connections are in
     flight (thousands of parked long-polls)."""
-    size = max(64, settings.limits.max_connections // 8)
+    size = max(64, connection_limit(settings.limits.max_connections) // 8)
     return UpstreamPool(
         settings.upstream,
         max_connections=size,

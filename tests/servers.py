@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -341,6 +342,13 @@ class ProxyProcess:
             raise
 
 
+def _open_files_limit(limits: tuple[int, int]) -> Callable[[], None]:
+    def apply() -> None:
+        resource.setrlimit(resource.RLIMIT_NOFILE, limits)
+
+    return apply
+
+
 @contextlib.contextmanager
 def run_proxy(
     upstream: str,
@@ -348,6 +356,7 @@ def run_proxy(
     *,
     log_path: Path | None = None,
     metrics: bool = False,
+    open_files: tuple[int, int] | None = None,
     **settings: str,
 ) -> Iterator[ProxyProcess]:
     """The proxy as operators run it: ``ignore-proxy --upstream URL --listen HOST:PORT``,
@@ -355,7 +364,8 @@ def run_proxy(
 
     Settings come as ``IGNORE_PROXY_*`` variables: ``env`` by name, ``settings`` by key
     (``logging_level="debug"``); none from the test runner's environment. Output goes to
-    ``log_path`` if given (at the proxy's default level), else to the test's (warnings)."""
+    ``log_path`` if given (at the proxy's default level), else to the test's (warnings).
+    ``open_files``: the (soft, hard) RLIMIT_NOFILE it starts with."""
     port = free_port()
     environ = {k: v for k, v in os.environ.items() if not k.startswith("IGNORE_PROXY_")}
     if log_path is None:
@@ -368,7 +378,10 @@ def run_proxy(
                "--listen", f"127.0.0.1:{port}"]  # fmt: skip
     with contextlib.ExitStack() as output:
         log = output.enter_context(log_path.open("wb")) if log_path else None
-        process = subprocess.Popen(command, env=environ, stdout=log, stderr=log)
+        process = subprocess.Popen(
+            command, env=environ, stdout=log, stderr=log,
+            preexec_fn=None if open_files is None else _open_files_limit(open_files),
+        )  # fmt: skip
     metrics_listen = environ.get("IGNORE_PROXY_METRICS_LISTEN")
     running = ProxyProcess(
         f"http://127.0.0.1:{port}",

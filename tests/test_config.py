@@ -69,7 +69,7 @@ def test_settings_are_frozen() -> None:
     ("environ", "names"),
     [
         ({"IGNORE_PROXY_LIMITS_MAX_CONNECTIONS": "many"}, "limits.max_connections"),
-        ({"IGNORE_PROXY_LIMITS_MAX_CONNECTIONS": "0"}, "limits.max_connections"),
+        ({"IGNORE_PROXY_LIMITS_MAX_CONNECTIONS": "-1"}, "limits.max_connections"),
         ({"IGNORE_PROXY_IGNORE_ERRCODE": "M_FORBIDDEN"}, "ignore.errcode"),
         ({"IGNORE_PROXY_IGNORE_FILTER_EPHEMERAL": "perhaps"}, "ignore.filter_ephemeral"),
         ({"IGNORE_PROXY_UPSTREAM": "ftp://hs"}, "upstream"),
