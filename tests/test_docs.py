@@ -1,5 +1,6 @@
-"""The README and the example config keep up with the code: every key documented under
-its environment name, every file linked present (tests/test_readme.py: the quick start)."""
+"""The README, docs/ and the example config keep up with the code: every key documented
+under its environment name, every file linked present (tests/test_readme.py: the quick
+start)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from ignore_proxy.config import Settings, all_keys, env_name, load_settings
 
 ROOT = Path(__file__).parent.parent
 README = (ROOT / "README.md").read_text()
+CONFIGURATION = (ROOT / "docs" / "configuration.md").read_text()
 EXAMPLE = ROOT / "config" / "ignore-proxy.toml"
 
 
@@ -20,7 +22,7 @@ def test_every_key_is_in_the_readme_table_and_the_example() -> None:
     example = EXAMPLE.read_text()
     for key in all_keys():
         dotted, env = ".".join(key), env_name(*key)
-        assert re.search(rf"^\| `{re.escape(dotted)}` \| `{env}` \|", README, re.M), dotted
+        assert re.search(rf"^\| `{re.escape(dotted)}` \| `{env}` \|", CONFIGURATION, re.M), dotted
         assert env in example, env
 
 
@@ -32,9 +34,18 @@ def test_example_config_loads_validates_and_shows_the_defaults() -> None:
     assert written == msgspec.to_builtins(Settings())
 
 
-def test_relative_links_in_the_readme_exist() -> None:
-    for target in re.findall(r"\]\(((?!https?:|#)[^)]+)\)", README):
-        assert (ROOT / target.split("#")[0]).exists(), target
+def test_relative_links_in_the_readme_and_docs_exist() -> None:
+    pages = [ROOT / "README.md", *sorted((ROOT / "docs").glob("*.md"))]
+    for page in pages:
+        text = page.read_text()
+        for target in re.findall(r"\]\(((?!https?:|#)[^)]+)\)", text):
+            path, _, anchor = target.partition("#")
+            linked = (page.parent / path).resolve()
+            assert linked.exists(), (page.name, target)
+            if anchor and linked.suffix == ".md":
+                headings = re.findall(r"^#+ (.+)$", linked.read_text(), re.M)
+                anchors = {re.sub(r"[^\w\- ]", "", h.lower()).replace(" ", "-") for h in headings}
+                assert anchor in anchors, (page.name, target)
 
 
 def test_the_exit_status_table_is_the_program_s() -> None:
@@ -69,7 +80,7 @@ def test_the_configuration_error_examples_are_real() -> None:
         try:
             load_settings(environ={variable: value})
         except ConfigError as exc:
-            assert f"`{exc}`" in " ".join(README.split()), exc
+            assert f"`{exc}`" in " ".join(CONFIGURATION.split()), exc
         else:
             raise AssertionError(variable)
 
