@@ -13,6 +13,9 @@
 # tests/test_docker.py checks this file's invariants and replays its build and install
 # steps without a Docker engine: keep every RUN step runnable outside a container too.
 
+# Both stages start from the same base. For builds that never change under you, pin it by
+# digest in both FROM lines: python:3.12-slim-bookworm@sha256:<digest>, the digest from
+# `docker buildx imagetools inspect python:3.12-slim-bookworm` (update it with the base).
 FROM python:3.12-slim-bookworm AS build
 WORKDIR /src
 COPY pyproject.toml README.md LICENSE ./
@@ -23,8 +26,12 @@ FROM python:3.12-slim-bookworm
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
+# The dependencies exactly as locked (versions and file hashes), then the proxy alone.
+COPY requirements.lock /tmp/requirements.lock
 COPY --from=build /wheels /wheels
-RUN pip install --no-cache-dir /wheels/*.whl && rm -rf /wheels
+RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
+    && pip install --no-cache-dir --no-deps /wheels/*.whl \
+    && rm -rf /wheels /tmp/requirements.lock
 
 # All interfaces inside the container; publish the port on the host as you need it.
 # 8010 clashes with none of Synapse/Dendrite (8008), Conduit/continuwuity (6167),

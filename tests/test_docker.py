@@ -158,6 +158,43 @@ def test_pip_never_keeps_a_cache_and_the_build_context_is_small(stages: list[Sta
                 assert f"!{source.rstrip('/')}/" in ignored or f"!{source}" in ignored, source
 
 
+def test_the_lock_pins_every_dependency_within_its_range_with_hashes() -> None:
+    """requirements.lock stays in step with pyproject.toml: each dependency the image's
+    Python on Linux needs is pinned, inside the range pyproject.toml allows, and every
+    pin carries the hashes `--require-hashes` checks."""
+    import tomllib
+
+    from packaging.requirements import Requirement
+    from packaging.utils import canonicalize_name
+
+    lock = (ROOT / "requirements.lock").read_text()
+    pins = {
+        canonicalize_name(name): version
+        for name, version in re.findall(r"^([A-Za-z0-9_.\-]+)==(\S+)", lock, re.M)
+    }
+    entries = re.split(r"\n(?=[A-Za-z0-9])", lock.split("\n", 1)[1])
+    for entry in entries:
+        if "==" in entry.split("\n", 1)[0]:
+            assert "--hash=sha256:" in entry, entry.split()[0]
+    image = {"sys_platform": "linux", "platform_system": "Linux", "python_version": "3.12",
+             "python_full_version": "3.12.0", "implementation_name": "cpython"}  # fmt: skip
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    for text in project["dependencies"]:
+        requirement = Requirement(text)
+        if requirement.marker is not None and not requirement.marker.evaluate(image):
+            continue
+        name = canonicalize_name(requirement.name)
+        assert name in pins, f"{name} is not in requirements.lock"
+        assert requirement.specifier.contains(pins[name], prereleases=True), (name, pins[name])
+    (final_install,) = [
+        run.args
+        for run in parse(DOCKERFILE.read_text())[-1].all("RUN")
+        if "pip install" in run.args
+    ]
+    assert "--require-hashes -r /tmp/requirements.lock" in final_install
+    assert "--no-deps /wheels/" in final_install
+
+
 def _fresh_python(where: Path) -> Path:
     """A stand-in for the base image's Python: a fresh venv with nothing installed."""
     venv.EnvBuilder(with_pip=True, clear=True).create(where)
