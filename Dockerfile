@@ -27,7 +27,7 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1
 # The dependencies exactly as locked (versions and file hashes), then the proxy alone.
-COPY requirements.lock /tmp/requirements.lock
+COPY requirements.lock /tmp/
 COPY --from=build /wheels /wheels
 RUN pip install --no-cache-dir --require-hashes -r /tmp/requirements.lock \
     && pip install --no-cache-dir --no-deps /wheels/*.whl \
