@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import os
 import shutil
@@ -104,11 +105,30 @@ def _worker(
     return 0
 
 
+def _stop_with(parent: int) -> None:
+    """On Linux the kernel sends this worker SIGTERM the moment its parent dies, even
+    while it is still starting (`Siblings` watches the parent too, once it serves, and
+    elsewhere). A parent that died before this was asked for is caught right after."""
+    if sys.platform == "linux":
+        with contextlib.suppress(OSError, AttributeError):
+            libc = ctypes.CDLL(None, use_errno=True)
+            libc.prctl(_PR_SET_PDEATHSIG, signal.SIGTERM)
+    if os.getppid() != parent:
+        os.kill(os.getpid(), signal.SIGTERM)
+
+
+_PR_SET_PDEATHSIG = 1  # linux/prctl.h
+
+
 def _run_worker(
-    settings: Settings, index: int, channels: list[tuple[socket.socket, socket.socket]]
+    settings: Settings,
+    index: int,
+    channels: list[tuple[socket.socket, socket.socket]],
+    parent: int,
 ) -> None:
     """In the forked child; never returns (the parent's cleanup is not the child's)."""
     os.setpgid(0, 0)  # a terminal's Ctrl-C reaches the parent, which stops the workers
+    _stop_with(parent)
     code = startup.EXIT_FAILED
     try:
         code = _worker(settings, index, channels)
@@ -150,12 +170,13 @@ def serve_workers(settings: Settings) -> int:
             socket.socketpair(socket.AF_UNIX, socket.SOCK_DGRAM) for _ in range(settings.workers)
         ]
         pids = []
+        parent = os.getpid()
         for index in range(settings.workers):
             pid = os.fork()
             if pid == 0:
                 if metrics_socket is not None:
                     metrics_socket.close()  # the parent's alone
-                _run_worker(settings, index, channels)
+                _run_worker(settings, index, channels, parent)
             pids.append(pid)
         return asyncio.run(_supervise(settings, pids, metrics_socket))
     finally:

@@ -6,10 +6,13 @@ below goes on a new connection: with two workers, twenty of them reach both.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -20,7 +23,7 @@ import pytest
 from ignore_proxy.workers import Siblings
 
 from .fake_homeserver import ALICE, BOB, CHARLIE, asgi_app
-from .servers import run_proxy, serve_upstream
+from .servers import free_port, run_proxy, serve_upstream
 from .test_observability import (
     IGNORE_LIST,
     SYNC,
@@ -137,6 +140,35 @@ def test_workers_do_not_outlive_a_killed_parent(tmp_path: Path) -> None:
             while Path(f"/proc/{pid}").exists() and not _zombie(pid):
                 assert time.monotonic() < deadline, "a worker kept serving without its parent"
                 time.sleep(0.05)
+
+
+def test_workers_killed_parent_while_they_start_do_not_serve_alone() -> None:
+    """The parent killed right after it forked, before the workers serve: they must not
+    take the reaper for their parent and serve on alone."""
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("IGNORE_PROXY_")}
+    process = subprocess.Popen(
+        [sys.executable, "-m", "ignore_proxy", "--upstream", "http://127.0.0.1:1",
+         "--listen", f"127.0.0.1:{free_port()}", "--workers", "2"],
+        env={**clean, "IGNORE_PROXY_LOGGING_LEVEL": "error"},
+    )  # fmt: skip
+    workers: list[int] = []
+    try:
+        deadline = time.monotonic() + 20
+        while len(workers := children(process.pid)) < 2:
+            assert process.poll() is None and time.monotonic() < deadline, "no two workers"
+            time.sleep(0.002)
+        process.kill()
+        process.wait()
+        deadline = time.monotonic() + 5
+        for pid in workers:
+            while Path(f"/proc/{pid}").exists() and not _zombie(pid):
+                assert time.monotonic() < deadline, "a worker serves on without its parent"
+                time.sleep(0.05)
+    finally:
+        process.kill()
+        for pid in workers:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, signal.SIGKILL)
 
 
 def test_a_burst_of_changes_reaches_a_busy_sibling_whole() -> None:
