@@ -28,12 +28,11 @@ from .handlers import Handler
 from .identity import Credentials, CredentialsRefused, credentials_from_request
 from .logs import log_request, request_id_of
 from .metrics import Metrics
-from .pool import RawHeaders, UpstreamError
+from .pool import RawHeaders, UpstreamError, UpstreamPool
 from .replies import MatrixError, Relay, Reply, send_reply, upstream_failure
 from .routes import AmbiguousPath, match
 from .upstream import (
     REQUEST_ONLY,
-    Upstream,
     UpstreamResponse,
     forwardable,
     long_poll_ms,
@@ -65,7 +64,7 @@ _PARTIAL_OR_CONDITIONAL = frozenset(
 class Proxy:
     """The ASGI app that forwards everything and acts on what the route table names."""
 
-    def __init__(self, settings: Settings, upstream: Upstream, services: Services) -> None:
+    def __init__(self, settings: Settings, upstream: UpstreamPool, services: Services) -> None:
         self.settings = settings
         self.upstream = upstream
         self.services = services

@@ -55,17 +55,6 @@ class UpstreamResponse(Protocol):
     async def aclose(self) -> None: ...
 
 
-class Upstream(Protocol):
-    async def send(
-        self,
-        method: str,
-        target: bytes,
-        headers: RawHeaders,
-        body: Body,
-        timeouts: ExchangeTimeouts,
-    ) -> UpstreamResponse: ...
-
-
 # Each of httpx's transport failures and the pool's word for it, narrower ones first: the
 # proxy's own lookups ask through httpx over the pool (PoolTransport).
 _FAILURES: tuple[tuple[type[httpx.TransportError], type[pool_errors.UpstreamError]], ...] = (
@@ -160,13 +149,7 @@ KEEPALIVE_EXPIRY = 15.0
 
 def create_pool(settings: Settings) -> UpstreamPool:
     """The pool clients' requests are forwarded through."""
-    return UpstreamPool(
-        settings.upstream,
-        max_connections=connection_limit(settings.limits.max_connections),
-        max_keepalive_connections=settings.limits.max_keepalive_connections,
-        keepalive_expiry=KEEPALIVE_EXPIRY,
-        max_header_bytes=settings.limits.max_header_bytes,
-    )
+    return _pool(settings, connection_limit(settings.limits.max_connections))
 
 
 def create_lookup_pool(settings: Settings) -> UpstreamPool:
@@ -175,7 +158,10 @@ def create_lookup_pool(settings: Settings) -> UpstreamPool:
     so lookups queued behind forwarded requests for the same connections could wait for
     each other until the pool timeout, whenever as many requests as connections are in
     flight (thousands of parked long-polls)."""
-    size = max(64, connection_limit(settings.limits.max_connections) // 8)
+    return _pool(settings, max(64, connection_limit(settings.limits.max_connections) // 8))
+
+
+def _pool(settings: Settings, size: int) -> UpstreamPool:
     return UpstreamPool(
         settings.upstream,
         max_connections=size,
