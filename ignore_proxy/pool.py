@@ -44,6 +44,7 @@ from __future__ import annotations
 import asyncio
 import collections
 import ipaddress
+import select
 import socket
 import ssl
 import time
@@ -286,7 +287,7 @@ class _Connection(asyncio.Protocol):
         self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.idle_since = 0.0
-        self._socket_kind: tuple[int, int, int] | None = None
+        self._fileno: int | None = None
         # The exchange in progress.
         self.head: asyncio.Future[Response] | None = None
         self.response: Response | None = None
@@ -312,25 +313,19 @@ class _Connection(asyncio.Protocol):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
         sock = transport.get_extra_info("socket")
-        self._socket_kind = (sock.family, sock.type, sock.fileno()) if sock is not None else None
+        self._fileno = sock.fileno() if sock is not None else None
 
     def dropped(self) -> bool:
         """Whether this idle connection must not be reused though the event loop, busy,
         has not heard of it yet: the homeserver closed it, or sent bytes nobody asked for
-        (the rest of an answer longer than it said). A peek at the socket tells."""
-        if self._socket_kind is None:
+        (the rest of an answer longer than it said). An idle socket that polls readable
+        (end of stream, bytes out of turn) or in error is one of those."""
+        if self._fileno is None:
             return False
-        probe = socket.socket(*self._socket_kind[:2], 0, self._socket_kind[2])
-        try:
-            probe.recv(1, socket.MSG_PEEK | socket.MSG_DONTWAIT)
-        except (BlockingIOError, InterruptedError):
-            return False  # nothing to read: alive and quiet
-        except OSError:
-            return True
-        else:
-            return True  # end of stream, or bytes out of turn
-        finally:
-            probe.detach()  # the transport owns the descriptor
+        # One system call, and no exception to raise when the answer is "no".
+        poller = select.poll()
+        poller.register(self._fileno, select.POLLIN)
+        return bool(poller.poll(0))
 
     def begin(self, head_only: bool) -> asyncio.Future[Response]:
         """Start an exchange; the future gets the answer once its head has arrived."""

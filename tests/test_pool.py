@@ -85,6 +85,73 @@ async def test_an_idle_connection_the_homeserver_closed_is_not_reused() -> None:
         await pool.aclose()
 
 
+async def test_a_request_never_sent_twice_avoids_an_idle_connection_closed_unseen() -> None:
+    """A PUT with a body is never sent twice (the homeserver may have acted on it), so the
+    pool must find the close before it writes, not after."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_then_close, args=(listener,), daemon=True).start()
+        port = listener.getsockname()[1]
+        pool = UpstreamPool(
+            f"http://127.0.0.1:{port}", max_connections=None, max_keepalive_connections=None
+        )
+        first = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+        assert await first.read() == b"ok"
+        await first.aclose()
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop cannot see the close)
+        headers = [(b"content-length", b"2")]
+        second = await pool.send("PUT", b"/b", headers, b"{}", TIMEOUTS)
+        assert await second.read() == b"ok"
+        await second.aclose()
+        await pool.aclose()
+
+
+def _serve_then_send_out_of_turn(listener: socket.socket) -> None:
+    """Answers a connection's first request, then sends an answer nobody asked for on it
+    (as a homeserver whose answer was longer than it said would); answers every other
+    connection plainly."""
+    first = True
+    while True:
+        try:
+            conn, _ = listener.accept()
+        except OSError:
+            return
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 2\r\n\r\nok")
+        if first:
+            first = False
+            time.sleep(0.05)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+            threading.Timer(2, conn.close).start()
+        else:
+            conn.close()
+
+
+async def test_an_idle_connection_with_bytes_out_of_turn_is_not_reused() -> None:
+    """Bytes arrived on an idle connection while the event loop was busy: a request sent
+    on it would take them for its answer (another request's data, on a shared pool)."""
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_then_send_out_of_turn, args=(listener,),
+                         daemon=True).start()  # fmt: skip
+        port = listener.getsockname()[1]
+        pool = UpstreamPool(
+            f"http://127.0.0.1:{port}", max_connections=None, max_keepalive_connections=None
+        )
+        first = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+        assert await first.read() == b"ok"
+        await first.aclose()
+        time.sleep(0.3)  # noqa: ASYNC251 (the point: the loop cannot see the bytes)
+        second = await pool.send("GET", b"/b", [], None, TIMEOUTS)
+        assert await second.read() == b"ok"
+        await second.aclose()
+        await pool.aclose()
+
+
 def _serve_keep_alive(listener: socket.socket, accepted: list[socket.socket]) -> None:
     """Answers every request on every connection, keeping each open; records each one."""
 
