@@ -1,6 +1,7 @@
 """The cost beside a real homeserver: what the proxy adds to Synapse's work and latency.
 
     python -m benchmarks.beside_synapse            # 60 s; --seconds, --users, --rooms
+    python -m benchmarks.beside_synapse --compare  # then through two reference relays
 
 Starts Synapse with its ignore support switched off (standing in for Conduit or Dendrite,
 as the e2e tests do: tests/e2e/harness, tests/e2e/synapse_no_ignore.py) and the proxy in
@@ -16,7 +17,11 @@ Prints the proxy's CPU seconds (utime+stime, /proc) as a share of Synapse's over
 60 s, and the latency of each probed request through the proxy and straight to Synapse
 (p50, p99) with what the proxy adds. Synapse's CPU includes the probes sent straight to
 it (a few percent of its requests), so the share is slightly understated; the row says
-how many. Needs Synapse in the environment (the e2e tests' `pip install -e .[e2e]`).
+how many. With `--compare`, the same traffic then goes through two reference relays
+that judge nothing (benchmarks/relays.py: the proxy's own server and pool alone, and a
+bare uvloop relay), one after the other against the same Synapse, and a table gives each
+front's CPU per request and share. Needs Synapse in the environment (the e2e tests'
+`pip install -e .[e2e]`).
 """
 
 from __future__ import annotations
@@ -39,6 +44,7 @@ from urllib.parse import quote
 
 import httpx
 
+from tests.e2e.harness.procs import ManagedProcess, free_port
 from tests.e2e.harness.proxy import start_proxy
 from tests.e2e.harness.synapse import (
     RegisteredUser,
@@ -223,13 +229,86 @@ async def _probing(direct: httpx.AsyncClient, proxied: httpx.AsyncClient, bases:
             probes.errors += 1
 
 
+@dataclass
+class Front:
+    """What the clients talk to: the proxy, or a reference relay (benchmarks/relays.py)."""
+
+    name: str
+    url: str
+    process: ManagedProcess
+
+
+# What `--compare` runs the same traffic through, after the proxy: forwarding alone on
+# the proxy's own server and pool, and a bare uvloop relay (benchmarks/relays.py).
+_RELAYS = {
+    "uvicorn": "uvicorn relay: the proxy's server and pool, nothing judged",
+    "uvloop": "uvloop relay: hand-written, nothing judged",
+}
+
+
+def _start_front(name: str, workdir: Path, upstream: str, workers: int) -> Front:
+    if name == "proxy":
+        os.environ["E2E_PROXY_WORKERS"] = str(workers)
+        proxy = start_proxy(workdir / "proxy", upstream)
+        return Front("proxy", proxy.url, proxy.process)
+    url = f"http://127.0.0.1:{free_port()}"
+    argv = [sys.executable, "-m", "benchmarks.relays", name, "--upstream", upstream,
+            "--listen", url.removeprefix("http://")]  # fmt: skip
+    process = ManagedProcess(f"{name}-relay", argv, workdir / f"{name}-relay.log",
+                             cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
+    try:
+        process.wait_http(f"{url}{CS.rsplit('/', 1)[0]}/versions", 30.0)
+    except BaseException:
+        process.stop()
+        raise
+    return Front(_RELAYS[name], url, process)
+
+
+@dataclass
+class Run:
+    """One front's figures over the same traffic."""
+
+    front: str
+    load: Load
+    probes: Probes
+    front_cpu: float
+    synapse_cpu: float
+    load_average: float
+
+
+async def _traffic(args: argparse.Namespace, front: Front, synapse: SynapseServer,
+                   people: list[User], direct: httpx.AsyncClient,
+                   proxied: httpx.AsyncClient) -> Run:  # fmt: skip
+    for user in people:  # each user's first sync, and the front learns them
+        answer = await proxied.get(f"{front.url}{CS}/sync", headers=user.auth,
+                                   params={"timeout": "0"})  # fmt: skip
+        answer.raise_for_status()
+        user.since = answer.json()["next_batch"]
+    probes = Probes()
+    bases = {"direct": synapse.url, "proxy": front.url}
+    print(f"traffic for {args.seconds} s through the {front.name}...", file=sys.stderr)
+    context = multiprocessing.get_context("spawn")
+    results: multiprocessing.queues.Queue[tuple[int, int, int]] = context.Queue()
+    clients = context.Process(target=_load_process,
+                              args=(front.url, people, args.seconds, results))  # fmt: skip
+    load_average = os.getloadavg()[0]
+    cpu_before = cpu_seconds(front.process.proc.pid), cpu_seconds(synapse.process.proc.pid)
+    clients.start()
+    until = time.monotonic() + args.seconds
+    await _probing(direct, proxied, bases, people, until, probes, random.Random(7))
+    load = Load(*await asyncio.to_thread(results.get, True, args.seconds + 60))
+    front_cpu = cpu_seconds(front.process.proc.pid) - cpu_before[0]
+    synapse_cpu = cpu_seconds(synapse.process.proc.pid) - cpu_before[1]
+    clients.join(10)
+    load_average = (load_average + os.getloadavg()[0]) / 2
+    return Run(front.name, load, probes, front_cpu, synapse_cpu, load_average)
+
+
 async def _measure(args: argparse.Namespace, workdir: Path) -> int:
     synapse = launch_synapse("no-ignore", workdir / "synapse")
-    proxy = None
+    runs: list[Run] = []
     try:
         wait_synapse(synapse)
-        os.environ["E2E_PROXY_WORKERS"] = str(args.workers)
-        proxy = start_proxy(workdir / "proxy", synapse.url)
         limits = httpx.Limits(max_connections=None, max_keepalive_connections=None)
         async with (
             httpx.AsyncClient(trust_env=False, timeout=60, limits=limits) as direct,
@@ -237,43 +316,26 @@ async def _measure(args: argparse.Namespace, workdir: Path) -> int:
         ):
             print(f"setting up {args.users} users in {args.rooms} rooms...", file=sys.stderr)
             people = await _setup(direct, synapse, args.users, args.rooms)
-            for user in people:  # each user's first sync, and the proxy learns them
-                answer = await proxied.get(f"{proxy.url}{CS}/sync", headers=user.auth,
-                                           params={"timeout": "0"})  # fmt: skip
-                answer.raise_for_status()
-                user.since = answer.json()["next_batch"]
-            probes = Probes()
-            bases = {"direct": synapse.url, "proxy": proxy.url}
-            print(f"traffic for {args.seconds} s...", file=sys.stderr)
-            context = multiprocessing.get_context("spawn")
-            results: multiprocessing.queues.Queue[tuple[int, int, int]] = context.Queue()
-            clients = context.Process(target=_load_process,
-                                      args=(proxy.url, people, args.seconds, results))  # fmt: skip
-            load_average = os.getloadavg()[0]
-            cpu_before = cpu_seconds(proxy.process.proc.pid), cpu_seconds(synapse.process.proc.pid)
-            clients.start()
-            until = time.monotonic() + args.seconds
-            await _probing(direct, proxied, bases, people, until, probes, random.Random(7))
-            load = Load(*await asyncio.to_thread(results.get, True, args.seconds + 60))
-            proxy_cpu = cpu_seconds(proxy.process.proc.pid) - cpu_before[0]
-            synapse_cpu = cpu_seconds(synapse.process.proc.pid) - cpu_before[1]
-            clients.join(10)
-            load_average = (load_average + os.getloadavg()[0]) / 2
-        return _report(args, load, probes, proxy_cpu, synapse_cpu, load_average)
+            for name in ["proxy", *(_RELAYS if args.compare else [])]:
+                front = _start_front(name, workdir, synapse.url, args.workers)
+                try:
+                    runs.append(await _traffic(args, front, synapse, people, direct, proxied))
+                finally:
+                    front.process.stop()
+        return _report(args, runs)
     finally:
-        if proxy is not None:
-            proxy.stop()
         synapse.stop()
 
 
-def _report(args: argparse.Namespace, load: Load, probes: Probes, proxy_cpu: float,
-            synapse_cpu: float, load_average: float) -> int:  # fmt: skip
-    share = proxy_cpu / synapse_cpu if synapse_cpu else float("inf")
+def _report(args: argparse.Namespace, runs: list[Run]) -> int:
+    proxy = runs[0]
+    load, probes = proxy.load, proxy.probes
+    share = proxy.front_cpu / proxy.synapse_cpu if proxy.synapse_cpu else float("inf")
     direct_probes = sum(len(pairs) for pairs in probes.pairs.values())
     print()
     print(f"beside Synapse (no-ignore mode): {args.users} users in {args.rooms} rooms, "
           f"{args.seconds} s, proxy --workers {args.workers}, {os.cpu_count()} cores, "
-          f"load average {load_average:.1f} (mean of start and end)")  # fmt: skip
+          f"load average {proxy.load_average:.1f} (mean of start and end)")  # fmt: skip
     print(f"through the proxy: {load.syncs} syncs answered, {load.sends} messages sent, "
           f"{load.errors} errors; {direct_probes} probes straight to Synapse, "
           f"{probes.errors} probe errors")  # fmt: skip
@@ -282,7 +344,7 @@ def _report(args: argparse.Namespace, load: Load, probes: Probes, proxy_cpu: flo
     print("|---|---:|---:|---:|---|---|")
     ok = share <= TARGET_CPU_SHARE
     failed = not ok
-    print(f"| CPU seconds | Synapse {synapse_cpu:.1f} s | proxy {proxy_cpu:.1f} s "
+    print(f"| CPU seconds | Synapse {proxy.synapse_cpu:.1f} s | proxy {proxy.front_cpu:.1f} s "
           f"| {share:.1%} of Synapse's | <= {TARGET_CPU_SHARE:.0%} "
           f"| {'PASS' if ok else 'FAIL'} |")  # fmt: skip
     for kind in ("sync", "messages"):
@@ -306,6 +368,22 @@ def _report(args: argparse.Namespace, load: Load, probes: Probes, proxy_cpu: flo
         p99 = _percentile(direct, 0.99), _percentile(proxied, 0.99)
         print(f"| {label} p99 | {p99[0]:.1f} ms | {p99[1]:.1f} ms | {p99[1] - p99[0]:+.1f} ms "
               f"| (reported) | |")  # fmt: skip
+    if len(runs) > 1:
+        print()
+        print("The same traffic through each front in turn (same Synapse, same users):")
+        print()
+        print("| front | requests | CPU per request | Synapse's per request | share |")
+        print("|---|---:|---:|---:|---:|")
+        for run in runs:
+            served = (
+                run.load.syncs
+                + run.load.sends
+                + sum(len(pairs) for pairs in run.probes.pairs.values())
+            )
+            synapse_served = served + sum(len(pairs) for pairs in run.probes.pairs.values())
+            print(f"| {run.front} | {served:,} | {run.front_cpu / served * 1e6:,.0f} us "
+                  f"| {run.synapse_cpu / synapse_served * 1e6:,.0f} us "
+                  f"| {run.front_cpu / run.synapse_cpu:.1%} |")  # fmt: skip
     print(f"\n{'all targets met' if not failed else 'target(s) not met'}")
     return 0
 
@@ -318,6 +396,9 @@ def main() -> int:
     parser.add_argument("--rooms", type=int, default=10)
     parser.add_argument("--workers", type=int, default=1, help="the proxy's (default 1)")
     parser.add_argument("--keep", action="store_true", help="keep the temp dir (logs)")
+    parser.add_argument("--compare", action="store_true",
+                        help="then the same traffic through two reference relays that "
+                             "judge nothing (benchmarks/relays.py)")  # fmt: skip
     args = parser.parse_args()
     workdir = Path(tempfile.mkdtemp(prefix="ignore-proxy-beside-synapse-"))
     try:
