@@ -282,8 +282,8 @@ class Response:
 class _Connection(asyncio.Protocol):
     """One upstream connection; at most one exchange at a time (no pipelining)."""
 
-    # Made once connected, dropped once lost: it holds this connection's callbacks, a
-    # cycle that would leave every closed connection to the garbage collector.
+    # Made once connected, dropped once lost (or abandoned): it holds this connection's
+    # callbacks, a cycle that would leave every closed connection to the garbage collector.
     parser: httptools.HttpResponseParser
 
     def __init__(self, pool: UpstreamPool) -> None:
@@ -396,7 +396,13 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         self.pool.forget(self)
-        del self.parser  # see `parser`
+        vars(self).pop("parser", None)  # see `parser`
+
+    def abandon(self) -> None:
+        """Its connecting was cancelled. Once connected, uvloop closes the transport then
+        without a `connection_lost`: what that would let go of goes here."""
+        self.transport = None
+        vars(self).pop("parser", None)
 
     def pause_writing(self) -> None:
         self._write_ready = asyncio.get_running_loop().create_future()
@@ -718,17 +724,21 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         error: OSError | None = None
         for host, port in await self._addresses():
+            connection = _Connection(self)
             try:
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self),
+                await loop.create_connection(
+                    lambda made=connection: made,
                     host,
                     port,
                     ssl=self.ssl or None,
                     server_hostname=self.host if self.ssl else None,
                 )
-                return protocol
+                return connection
             except OSError as exc:
                 error = exc
+            except BaseException:
+                connection.abandon()
+                raise
         try:
             raise error or OSError(f"no address for {self.host}")
         finally:

@@ -28,9 +28,10 @@ import pytest
 
 from ignore_proxy.app import IgnoreProxyApp, create_app
 from ignore_proxy.config import load_settings
+from ignore_proxy.pool import ExchangeTimeouts, UpstreamPool
 from ignore_proxy.server import Listener, uvicorn_config
 
-from .fake_homeserver import ALICE, BOB, CHARLIE, FakeHomeserver, message
+from .fake_homeserver import ALICE, BOB, CHARLIE, ROOM, FakeHomeserver, message
 from .servers import serve_handler, stop_served_handlers
 from .test_proxy import sync_body
 
@@ -176,6 +177,12 @@ async def _through_fake_homeserver(kind: str) -> collections.Counter[str]:
                 await _filtered(port, "alice-token")
             elif kind == "outside the table":
                 assert (await _ask(port, OUTSIDE_TABLE, "alice-token"))[0] == 200
+            elif kind == "relations":
+                target = f"/_matrix/client/v3/rooms/{ROOM}/relations/$unknown"
+                assert (await _ask(port, target, "alice-token"))[0] == 404
+            elif kind == "list unavailable":
+                homeserver.account_data_status = 500
+                assert (await _ask(port, SYNC, "alice-token"))[0] == 503
             elif kind == "refused token":
                 assert (await _ask(port, SYNC, f"refused-{i}"))[0] == 401
             elif kind == "new token":
@@ -242,6 +249,32 @@ async def _client_gone() -> collections.Counter[str]:
             release.set()
 
 
+async def _connects_cancelled() -> collections.Counter[str]:
+    """Upstream connections whose requests are cancelled at each step of connecting
+    (before, while and after: a client gone, a lookup no longer wanted)."""
+    server = await asyncio.get_running_loop().create_server(asyncio.Protocol, "127.0.0.1", 0)
+    pool = UpstreamPool(
+        f"http://127.0.0.1:{server.sockets[0].getsockname()[1]}",
+        max_connections=None,
+        max_keepalive_connections=None,
+    )
+    no_limits = ExchangeTimeouts(None, None, None, None)
+
+    async def send(i: int) -> None:
+        task = asyncio.ensure_future(pool.send("GET", b"/", [], None, no_limits))
+        for _ in range(i % 8):
+            await asyncio.sleep(0)
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await task
+
+    async with server:
+        try:
+            return await _garbage_of(send)
+        finally:
+            await pool.aclose()
+
+
 async def _run(kind: str) -> collections.Counter[str]:
     async with asyncio.timeout(60):
         try:
@@ -251,6 +284,8 @@ async def _run(kind: str) -> collections.Counter[str]:
                 return await _broken_answers(kind)
             if kind == "client gone":
                 return await _client_gone()
+            if kind == "connects cancelled":
+                return await _connects_cancelled()
             return await _through_fake_homeserver(kind)
         finally:
             await stop_served_handlers()
@@ -261,12 +296,15 @@ async def _run(kind: str) -> collections.Counter[str]:
     [
         "filtered sync",  # a known user with a non-empty list
         "outside the table",  # relayed as it is
+        "relations",  # answered at once: the lookup of its event, cancelled
+        "list unavailable",  # reading the list fails: 503
         "refused token",  # whoami answers 401
         "new token",  # whoami and the ignore list looked up
         "upstream down",  # 502, the lookups failing too
         "reset",  # the connection cut before the answer: 502
         "cut",  # ... in the middle of the body: 502
         "client gone",  # a long-poll cancelled
+        "connects cancelled",  # the pool alone
     ],
 )
 def test_requests_leave_no_cyclic_garbage(kind: str) -> None:
