@@ -160,11 +160,16 @@ class Call:
         return self.found.route.name
 
     def cancel_lookups(self) -> None:
+        """At the end of the request: its lookups are cancelled, or their failure
+        retrieved, and let go of."""
         for task in (self.user_lookup, self.path_event):
             if task is not None and not task.done():
                 task.cancel()
             elif task is not None and not task.cancelled():
                 task.exception()  # retrieved: no "never retrieved" ERROR per dead token
+        # A failed lookup's exception holds the frames that awaited it, which hold this
+        # call: a cycle per refused token, freed only by the garbage collector.
+        self.user_lookup = self.path_event = None
 
     async def read_json_body(self, limit: int) -> bytes:
         """A client's JSON body the proxy must read itself, bounded by `limit` (read once:

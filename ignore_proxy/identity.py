@@ -344,6 +344,9 @@ class IdentityResolver:
     def _landed(self, creds: Credentials, flight: _Flight) -> None:
         if self._inflight.get(creds) is flight:
             del self._inflight[creds]
+        # Joined by nobody from now on. The task would hold its failure, whose traceback
+        # holds the lookup's frames, which hold this flight: a cycle per failed lookup.
+        del flight.task
 
     @staticmethod
     def _retrieve(task: asyncio.Task[str | None]) -> None:

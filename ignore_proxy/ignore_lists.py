@@ -312,6 +312,9 @@ class IgnoreListStore:
         finally:
             if self._loads.get(user_id) is load:
                 del self._loads[user_id]
+            # Joined by nobody from now on. The task would hold its failure, whose
+            # traceback holds the frames holding this load: a cycle per failed read.
+            del load.task
         if not load.stale:
             self._entries[user_id] = _Entry(ignored - {user_id}, self._timer() + self._ttl)
 

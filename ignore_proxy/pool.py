@@ -275,16 +275,20 @@ class Response:
         if self._closed:
             return
         self._closed = True
+        self._error = None  # raised, its traceback holds frames holding this answer
         self._connection.finish_exchange(reusable=self._complete and not self._chunks)
 
 
 class _Connection(asyncio.Protocol):
     """One upstream connection; at most one exchange at a time (no pipelining)."""
 
+    # Made once connected, dropped once lost (or abandoned): it holds this connection's
+    # callbacks, a cycle that would leave every closed connection to the garbage collector.
+    parser: httptools.HttpResponseParser
+
     def __init__(self, pool: UpstreamPool) -> None:
         self.pool = pool
         self.transport: asyncio.Transport | None = None
-        self.parser = httptools.HttpResponseParser(self)
         self.lost = False
         self.idle_since = 0.0
         self._fileno: int | None = None
@@ -312,6 +316,7 @@ class _Connection(asyncio.Protocol):
     # asyncio.Protocol
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)
+        self.parser = httptools.HttpResponseParser(self)
         sock = transport.get_extra_info("socket")
         self._fileno = sock.fileno() if sock is not None else None
 
@@ -391,6 +396,13 @@ class _Connection(asyncio.Protocol):
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
         self.pool.forget(self)
+        vars(self).pop("parser", None)  # see `parser`
+
+    def abandon(self) -> None:
+        """Its connecting was cancelled. Once connected, uvloop closes the transport then
+        without a `connection_lost`: what that would let go of goes here."""
+        self.transport = None
+        vars(self).pop("parser", None)
 
     def pause_writing(self) -> None:
         self._write_ready = asyncio.get_running_loop().create_future()
@@ -712,18 +724,25 @@ class UpstreamPool:
         loop = asyncio.get_running_loop()
         error: OSError | None = None
         for host, port in await self._addresses():
+            connection = _Connection(self)
             try:
-                _, protocol = await loop.create_connection(
-                    lambda: _Connection(self),
+                await loop.create_connection(
+                    lambda made=connection: made,
                     host,
                     port,
                     ssl=self.ssl or None,
                     server_hostname=self.host if self.ssl else None,
                 )
-                return protocol
+                return connection
             except OSError as exc:
                 error = exc
-        raise error or OSError(f"no address for {self.host}")
+            except BaseException:
+                connection.abandon()
+                raise
+        try:
+            raise error or OSError(f"no address for {self.host}")
+        finally:
+            error = None  # held here, its traceback would hold this frame: a cycle
 
     async def _addresses(self) -> list[tuple[str, int]]:
         """The upstream's addresses, looked up at most every `_DNS_TTL` seconds: a burst
@@ -789,7 +808,10 @@ class UpstreamPool:
         transport.write(b"".join(lines))
         if body is not None and not isinstance(body, bytes):
             await connection.write_body(body, chunked, timeouts.write)
-        response: Response = await head
+        try:
+            response: Response = await head
+        finally:
+            del head  # held here, a failure in it would hold this frame: a cycle
         return response
 
     def release(self, connection: _Connection, keep: bool) -> None:

@@ -122,7 +122,8 @@ class Proxy:
             try:
                 reply = await self._answer(scope, exchange, responses, calls)
             except MatrixError as error:
-                reply = error
+                # Kept with its traceback, the reply would hold this frame: a cycle.
+                reply = error.with_traceback(None)
             await send_reply(exchange.send, reply)
         finally:
             for call in calls:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import http.cookiejar
 from collections.abc import AsyncIterator, Iterable
-from typing import Protocol, cast
+from typing import Any, Protocol, cast
 from urllib.parse import parse_qsl
 
 import httpx
@@ -171,9 +171,25 @@ def _pool(settings: Settings, size: int) -> UpstreamPool:
     )
 
 
+# What a response read whole streams from: nothing more.
+_READ_WHOLE = httpx.ByteStream(b"")
+
+
+class _LookupClient(httpx.AsyncClient):
+    """httpx's client without a cycle per answer: the stream httpx binds to a response
+    refers back to it (httpx 0.28), which left each lookup's answer, request and headers
+    to the garbage collector. An answer read whole and closed has no use for its stream."""
+
+    async def send(self, request: httpx.Request, **kwargs: Any) -> httpx.Response:
+        response = await super().send(request, **kwargs)
+        if response.is_closed:
+            response.stream = _READ_WHOLE
+        return response
+
+
 def create_client(settings: Settings, transport: httpx.AsyncBaseTransport) -> httpx.AsyncClient:
     """The client of the proxy's own lookups, as the user: no defaults, no cookies."""
-    return httpx.AsyncClient(
+    return _LookupClient(
         base_url=settings.upstream,
         timeout=base_timeout(settings),
         cookies=http.cookiejar.CookieJar(policy=_NoCookies()),
