@@ -28,6 +28,7 @@ import uvloop
 from starlette.types import Receive, Scope, Send
 
 from ignore_proxy.config import Settings
+from ignore_proxy.descriptors import raise_open_files_limit
 from ignore_proxy.pool import UpstreamError
 from ignore_proxy.replies import Relay, send_reply, upstream_failure
 from ignore_proxy.upstream import (
@@ -188,6 +189,7 @@ def main() -> int:
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
+    raise_open_files_limit()  # as the proxy does at start
     host, _, port = args.listen.rpartition(":")
     if args.kind == "uvloop":
         uvloop.run(_serve_uvloop(args.upstream, host, int(port)))
