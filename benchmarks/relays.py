@@ -2,9 +2,10 @@
 own work costs from what forwarding costs at all (`python -m benchmarks.beside_synapse
 --compare` runs the same traffic through each):
 
-- `uvicorn`: the proxy's server (uvicorn, uvloop, httptools) and forwarder (the upstream
-  pool, `send_reply`) with nothing between them: no route table, no identity, no lists,
-  no rewriting, no metrics, no logs. The floor of any proxy built on this stack.
+- `uvicorn`: the proxy's server (its uvicorn configuration and protocol, uvloop, its
+  collector settings) and forwarder (the upstream pool, `send_reply`) with nothing between
+  them: no route table, no identity, no lists, no rewriting, no metrics, no logs. The
+  floor of any proxy built on this stack.
 - `uvloop`: a hand-written keep-alive relay on a bare uvloop protocol: requests and
   answers framed by `Content-Length` or chunked (as Synapse sends them), passed on as
   the bytes they came as. The floor of a Python proxy at all.
@@ -31,6 +32,7 @@ from ignore_proxy.config import Settings
 from ignore_proxy.descriptors import raise_open_files_limit
 from ignore_proxy.pool import UpstreamError
 from ignore_proxy.replies import Relay, send_reply, upstream_failure
+from ignore_proxy.server import settle_heap, uvicorn_config
 from ignore_proxy.upstream import (
     REQUEST_ONLY,
     create_pool,
@@ -194,11 +196,13 @@ def main() -> int:
     if args.kind == "uvloop":
         uvloop.run(_serve_uvloop(args.upstream, host, int(port)))
         return 0
-    uvicorn.run(
-        UvicornRelay(args.upstream), host=host, port=int(port), loop="uvloop",
-        http="httptools", lifespan="off", access_log=False, log_level="warning",
-        server_header=False, date_header=False, timeout_keep_alive=75,
-    )  # fmt: skip
+    settings = Settings(upstream=args.upstream, listen=args.listen)
+    config = uvicorn_config(settings)
+    config.app = UvicornRelay(args.upstream)  # in place of the proxy's app
+    config.lifespan = "off"
+    server = uvicorn.Server(config)
+    settle_heap()
+    uvloop.run(server.serve())
     return 0
 
 

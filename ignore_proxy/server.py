@@ -137,7 +137,7 @@ def _raise_open_files_limit(settings: Settings) -> None:
 _OLDEST_EVERY = 100
 
 
-def _settle_heap() -> None:
+def settle_heap() -> None:
     """What startup made stays (modules, the app): the collector leaves it alone.
 
     The oldest generation is collected ten times less often than by default. A full
@@ -177,6 +177,6 @@ def serve(
         logs.log_start(settings)
     _raise_open_files_limit(settings)
     servers = listeners(settings, with_metrics=len(sockets) > 1)
-    _settle_heap()
+    settle_heap()
     with asyncio.Runner(loop_factory=_loop_factory()) as runner:
         runner.run(serve_all(servers, sockets, on_start))
