@@ -17,7 +17,7 @@ the proxy gets the benchmark's own, and the row says which.
 The upstream stamps each answer with when the request reached it and when it answered
 (the machine's monotonic clock, which the client reads too), so each row also splits the
 time into the way there (the proxy's work on the arriving burst) and the way back. With
-`--compare`, the same long-polls then go through two reference relays that judge nothing
+`--compare`, the target's 5,000 long-polls then go through two reference relays that judge nothing
 (benchmarks/relays.py): the proxy's own server and pool alone, and a bare uvloop relay.
 """
 
@@ -102,34 +102,40 @@ async def serve(port: int) -> None:
 async def _one(port: int, request: bytes, results: list[float], failures: list[str],
                filtered: bool, legs: list[tuple[float, float]]) -> None:  # fmt: skip
     try:
-        reader, writer = await asyncio.open_connection("127.0.0.1", port)
-        writer.write(request)
-        # From the moment the request is sent: what the client sees as its long-poll.
-        # (Opening thousands of connections at once costs this client's own loop time too.)
-        started = time.monotonic()
-        head = await reader.readuntil(b"\r\n\r\n")
-        status = head.split(b" ", 2)[1]
-        length = 0
-        stamp: list[float] = []
-        for line in head.split(b"\r\n"):
-            name, _, value = line.partition(b":")
-            if name.lower() == b"content-length":
-                length = int(value)
-            elif name.lower() == _STAMP:
-                stamp = [float(part) for part in value.split()]
-        body = await reader.readexactly(length)
-        ended = time.monotonic()
-        writer.close()
-        if status != b"200":
-            failures.append(status.decode())
-        elif filtered and bodies.IGNORED.encode() in body:
-            failures.append("unfiltered")
-        else:
-            results.append(ended - started)
-            if len(stamp) == 2:  # until the upstream had it; from its answer on
-                legs.append((stamp[0] - started, ended - stamp[1]))
+        async with asyncio.timeout(HOLD + 60):  # a front that drops a request fails it
+            await _exchange(port, request, results, failures, filtered, legs)
     except Exception as exc:
         failures.append(type(exc).__name__)
+
+
+async def _exchange(port: int, request: bytes, results: list[float], failures: list[str],
+                    filtered: bool, legs: list[tuple[float, float]]) -> None:  # fmt: skip
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    writer.write(request)
+    # From the moment the request is sent: what the client sees as its long-poll.
+    # (Opening thousands of connections at once costs this client's own loop time too.)
+    started = time.monotonic()
+    head = await reader.readuntil(b"\r\n\r\n")
+    status = head.split(b" ", 2)[1]
+    length = 0
+    stamp: list[float] = []
+    for line in head.split(b"\r\n"):
+        name, _, value = line.partition(b":")
+        if name.lower() == b"content-length":
+            length = int(value)
+        elif name.lower() == _STAMP:
+            stamp = [float(part) for part in value.split()]
+    body = await reader.readexactly(length)
+    ended = time.monotonic()
+    writer.close()
+    if status != b"200":
+        failures.append(status.decode())
+    elif filtered and bodies.IGNORED.encode() in body:
+        failures.append("unfiltered")
+    else:
+        results.append(ended - started)
+        if len(stamp) == 2:  # until the upstream had it; from its answer on
+            legs.append((stamp[0] - started, ended - stamp[1]))
 
 
 async def poll_all(port: int, count: int, filtered: bool = True
@@ -290,7 +296,8 @@ def main() -> int:
         rows = []
         for count in args.clients:
             print(f"{count} long-polls...", file=sys.stderr, flush=True)
-            for front in ["proxy", *(_RELAYS if args.compare else [])]:
+            relays = _RELAYS if args.compare and count == TARGET_COUNT else {}
+            for front in ["proxy", *relays]:
                 stats = measure(count, workdir, front)
                 rows.append(row(stats))
                 print(rows[-1], flush=True)

@@ -163,13 +163,18 @@ class _Client(asyncio.Protocol):
             asyncio.get_running_loop().create_task(self.forward(request))
 
     async def forward(self, request: bytes) -> None:
+        assert self.transport is not None
         upstream = self.idle.pop() if self.idle else None
         if upstream is None:
             loop = asyncio.get_running_loop()
-            _, upstream = await loop.create_connection(
-                lambda: _Upstream(self.idle), self.host, self.port
-            )
-        assert self.transport is not None and upstream.transport is not None
+            try:
+                _, upstream = await loop.create_connection(
+                    lambda: _Upstream(self.idle), self.host, self.port
+                )
+            except OSError:  # out of descriptors, say: the client sees the connection end
+                self.transport.close()
+                return
+        assert upstream.transport is not None
         upstream.answer_to = self.transport
         upstream.transport.write(request)
 
