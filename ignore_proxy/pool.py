@@ -50,7 +50,7 @@ import ssl
 import time
 from collections.abc import AsyncIterable, AsyncIterator
 from dataclasses import dataclass
-from typing import NoReturn, cast
+from typing import NoReturn, Protocol, cast
 
 import httptools
 import httpx
@@ -279,6 +279,12 @@ class Response:
         self._connection.finish_exchange(reusable=self._complete and not self._chunks)
 
 
+class _ReadBuffered(Protocol):
+    """A TLS transport (asyncio's, uvloop's): what it read off the socket and holds."""
+
+    def get_read_buffer_size(self) -> int: ...
+
+
 class _Connection(asyncio.Protocol):
     """One upstream connection; at most one exchange at a time (no pipelining)."""
 
@@ -324,9 +330,16 @@ class _Connection(asyncio.Protocol):
         """Whether this idle connection must not be reused though the event loop, busy,
         has not heard of it yet: the homeserver closed it, or sent bytes nobody asked for
         (the rest of an answer longer than it said). An idle socket that polls readable
-        (end of stream, bytes out of turn) or in error is one of those."""
-        if self._fileno is None:
-            return False
+        (end of stream, bytes out of turn) or in error is one of those, and so is a TLS
+        connection holding bytes it read off its socket."""
+        transport = self.transport
+        if self._fileno is None or transport is None:
+            return True  # nothing to look at: not reused on trust
+        if self.pool.ssl and cast(_ReadBuffered, transport).get_read_buffer_size():
+            # Read off the socket, not handed over yet: TLS keeps what arrives while the
+            # reading is paused (an answer that came whole past the high-water mark) and
+            # hands it over on the loop's next turn, out of sight of the poll below.
+            return True
         # One system call, and no exception to raise when the answer is "no".
         poller = select.poll()
         poller.register(self._fileno, select.POLLIN)

@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import socket
+import ssl
 import threading
 import time
+from collections.abc import Callable, Coroutine
+from pathlib import Path
 from typing import Any
 
 import pytest
+import trustme
 
 from ignore_proxy.pool import (
     ExchangeTimeouts,
@@ -200,6 +204,109 @@ async def test_an_idle_connection_is_reused_only_within_the_keepalive_expiry() -
             connections.append(len(accepted))
         assert connections == [1, 1, 2]  # reused after 0.05 s idle, not after 0.5 s
         await pool.aclose()
+
+
+# An answer of 66,000 bytes, sent in two writes: the first stays under the pool's 64 KiB
+# high-water mark, the second takes it past as it completes the answer.
+_WHOLE_PAST_HIGH_WATER = 66_000
+
+
+def _serve_tls_then_send_out_of_turn(
+    listener: socket.socket, context: ssl.SSLContext, stray_sent: threading.Event
+) -> None:
+    """Over TLS: answers a connection's first request past the pool's high-water mark,
+    then sends an answer nobody asked for; answers every other connection with `fresh`."""
+    first = True
+    while True:
+        try:
+            raw, _ = listener.accept()
+        except OSError:
+            return
+        conn = context.wrap_socket(raw, server_side=True)
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += conn.recv(65536)
+        if first:
+            first = False
+            head = b"HTTP/1.1 200 OK\r\ncontent-length: %d\r\n\r\n" % _WHOLE_PAST_HIGH_WATER
+            conn.sendall(head + b"a" * 65_000)
+            time.sleep(0.1)
+            conn.sendall(b"a" * (_WHOLE_PAST_HIGH_WATER - 65_000))
+            time.sleep(0.1)
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nstray")
+            stray_sent.set()
+        else:
+            conn.sendall(b"HTTP/1.1 200 OK\r\ncontent-length: 5\r\n\r\nfresh")
+        threading.Timer(3, conn.close).start()
+
+
+async def _reuse_after_bytes_held_by_tls(port: int, stray_sent: threading.Event) -> bytes:
+    pool = UpstreamPool(
+        f"https://localhost:{port}", max_connections=None, max_keepalive_connections=None
+    )
+    try:
+        first = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+        assert await asyncio.to_thread(stray_sent.wait, 5)
+        await asyncio.sleep(0.2)  # the event loop reads the stray answer off the socket
+        (connection,) = pool._all
+        assert connection._reading_paused  # else this test would prove nothing
+        assert len(await first.read()) == _WHOLE_PAST_HIGH_WATER
+        await first.aclose()  # idle; TLS hands what it holds over on the loop's next turn
+        second = await pool.send("GET", b"/b", [], None, TIMEOUTS)
+        answer = await second.read()
+        await second.aclose()
+        return answer
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_idle_tls_connection_holding_bytes_out_of_turn_is_not_reused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """TLS reads ahead of the pool: what arrives while the pool's reading is paused (an
+    answer that came whole past the high-water mark) waits in the TLS layer, off the
+    socket, and is handed over only on the event loop's next turn. No poll of the socket
+    sees it; taken for the next request's answer, it would be another request's data."""
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(context)
+    run: Callable[[Coroutine[Any, Any, bytes]], bytes] = asyncio.run
+    if loop == "uvloop":
+        run = pytest.importorskip("uvloop").run
+    stray_sent = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_tls_then_send_out_of_turn,
+                         args=(listener, context, stray_sent), daemon=True).start()  # fmt: skip
+        port = listener.getsockname()[1]
+        assert run(_reuse_after_bytes_held_by_tls(port, stray_sent)) == b"fresh"
+
+
+async def test_an_idle_connection_whose_socket_is_unknown_is_not_reused() -> None:
+    """Without its socket the pool cannot look for bytes out of turn: it does not reuse."""
+    accepted: list[socket.socket] = []
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_keep_alive, args=(listener, accepted), daemon=True).start()
+        port = listener.getsockname()[1]
+        pool = UpstreamPool(
+            f"http://127.0.0.1:{port}", max_connections=None, max_keepalive_connections=None
+        )
+        try:
+            for _ in range(2):
+                response = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+                assert await response.read() == b"ok"
+                await response.aclose()
+                for connection in pool._all:
+                    connection._fileno = None  # as for a transport that names no socket
+            assert len(accepted) == 2
+        finally:
+            await pool.aclose()
 
 
 def test_the_pool_bounds_upstream_headers_as_configured() -> None:
