@@ -332,18 +332,26 @@ class _Connection(asyncio.Protocol):
         (the rest of an answer longer than it said). An idle socket that polls readable
         (end of stream, bytes out of turn) or in error is one of those, and so is a TLS
         connection holding bytes it read off its socket."""
-        transport = self.transport
-        if self._fileno is None or transport is None:
+        if self._fileno is None or self.transport is None:
             return True  # nothing to look at: not reused on trust
-        if self.pool.ssl and cast(_ReadBuffered, transport).get_read_buffer_size():
-            # Read off the socket, not handed over yet: TLS keeps what arrives while the
-            # reading is paused (an answer that came whole past the high-water mark) and
-            # hands it over on the loop's next turn, out of sight of the poll below.
+        if self._tls_holds_bytes():
             return True
         # One system call, and no exception to raise when the answer is "no".
         poller = select.poll()
         poller.register(self._fileno, select.POLLIN)
         return bool(poller.poll(0))
+
+    def _tls_holds_bytes(self) -> bool:
+        """Whether TLS holds bytes it read off the socket and has not handed over: what
+        arrives while the reading is paused (an answer that came whole past the
+        high-water mark) is handed over on the loop's next turn, out of sight of a poll
+        of the socket, and is dropped by uvloop if the stream ends meanwhile."""
+        transport = self.transport
+        return (
+            self.pool.ssl
+            and transport is not None
+            and cast(_ReadBuffered, transport).get_read_buffer_size() > 0
+        )
 
     def begin(self, head_only: bool) -> asyncio.Future[Response]:
         """Start an exchange; the future gets the answer once its head has arrived."""
@@ -396,6 +404,7 @@ class _Connection(asyncio.Protocol):
             and response is not None
             and response._eof_delimited
             and not response._complete
+            and not self._tls_holds_bytes()  # the end of what it held, unread: a cut
         ):
             # No length and no chunking: the body ends where the connection does (cleanly:
             # a reset is a cut, not an end).

@@ -16,6 +16,7 @@ import trustme
 
 from ignore_proxy.pool import (
     ExchangeTimeouts,
+    UpstreamError,
     UpstreamPool,
 )
 
@@ -284,6 +285,66 @@ def test_an_idle_tls_connection_holding_bytes_out_of_turn_is_not_reused(
                          args=(listener, context, stray_sent), daemon=True).start()  # fmt: skip
         port = listener.getsockname()[1]
         assert run(_reuse_after_bytes_held_by_tls(port, stray_sent)) == b"fresh"
+
+
+def _serve_tls_answer_ended_by_close(
+    listener: socket.socket, context: ssl.SSLContext, closed: threading.Event
+) -> None:
+    """Over TLS: an answer without length or chunking (it ends where the connection
+    does), then the end of the TCP stream at once, without TLS's close_notify."""
+    raw, _ = listener.accept()
+    conn = context.wrap_socket(raw, server_side=True)
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += conn.recv(65536)
+    conn.sendall(b"HTTP/1.1 200 OK\r\nconnection: close\r\n\r\n" + b"a" * 200_000)
+    with socket.socket(fileno=conn.detach()) as bare:
+        bare.shutdown(socket.SHUT_RDWR)
+    closed.set()
+
+
+async def _read_after_close(port: int, closed: threading.Event) -> int | str:
+    """How much of the answer was read whole, or the failure reading it raised."""
+    pool = UpstreamPool(
+        f"https://localhost:{port}", max_connections=None, max_keepalive_connections=None
+    )
+    try:
+        response = await pool.send("GET", b"/a", [], None, TIMEOUTS)
+        assert await asyncio.to_thread(closed.wait, 5)
+        await asyncio.sleep(0.2)  # the event loop reads the end of the stream
+        try:
+            return len(await response.read())
+        except UpstreamError as exc:
+            return type(exc).__name__
+        finally:
+            await response.aclose()
+    finally:
+        await pool.aclose()
+
+
+@pytest.mark.parametrize("loop", ["asyncio", "uvloop"])
+def test_an_answer_ended_by_the_close_over_tls_is_whole_or_cut(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, loop: str
+) -> None:
+    """What TLS held while the pool's reading was paused (a client slower than the
+    homeserver) is dropped by uvloop when the stream ends: an answer that ends with the
+    connection must then come out cut, never shorter and looking whole."""
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(context)
+    run: Callable[[Coroutine[Any, Any, int | str]], int | str] = asyncio.run
+    if loop == "uvloop":
+        run = pytest.importorskip("uvloop").run
+    closed = threading.Event()
+    with socket.socket() as listener:
+        listener.bind(("127.0.0.1", 0))
+        listener.listen()
+        threading.Thread(target=_serve_tls_answer_ended_by_close,
+                         args=(listener, context, closed), daemon=True).start()  # fmt: skip
+        port = listener.getsockname()[1]
+        assert run(_read_after_close(port, closed)) in (200_000, "BadAnswer")
 
 
 async def test_an_idle_connection_whose_socket_is_unknown_is_not_reused() -> None:
