@@ -54,6 +54,7 @@ from tests.e2e.harness.synapse import (
     wait_synapse,
 )
 
+from . import relays
 from .servers import cpu_seconds
 
 CS = "/_matrix/client/v3"
@@ -238,22 +239,13 @@ class Front:
     process: ManagedProcess
 
 
-# What `--compare` runs the same traffic through, after the proxy: forwarding alone on
-# the proxy's own server and pool, and a bare uvloop relay (benchmarks/relays.py).
-_RELAYS = {
-    "uvicorn": "uvicorn relay: the proxy's server and pool, nothing judged",
-    "uvloop": "uvloop relay: hand-written, nothing judged",
-}
-
-
 def _start_front(name: str, workdir: Path, upstream: str, workers: int) -> Front:
     if name == "proxy":
         os.environ["E2E_PROXY_WORKERS"] = str(workers)
         proxy = start_proxy(workdir / "proxy", upstream)
         return Front("proxy", proxy.url, proxy.process)
     url = f"http://127.0.0.1:{free_port()}"
-    argv = [sys.executable, "-m", "benchmarks.relays", name, "--upstream", upstream,
-            "--listen", url.removeprefix("http://")]  # fmt: skip
+    argv = relays.command(name, upstream, url.removeprefix("http://"))
     process = ManagedProcess(f"{name}-relay", argv, workdir / f"{name}-relay.log",
                              cwd=Path(__file__).resolve().parent.parent)  # fmt: skip
     try:
@@ -261,7 +253,7 @@ def _start_front(name: str, workdir: Path, upstream: str, workers: int) -> Front
     except BaseException:
         process.stop()
         raise
-    return Front(_RELAYS[name], url, process)
+    return Front(relays.RELAYS[name], url, process)
 
 
 @dataclass
@@ -316,7 +308,7 @@ async def _measure(args: argparse.Namespace, workdir: Path) -> int:
         ):
             print(f"setting up {args.users} users in {args.rooms} rooms...", file=sys.stderr)
             people = await _setup(direct, synapse, args.users, args.rooms)
-            for name in ["proxy", *(_RELAYS if args.compare else [])]:
+            for name in ["proxy", *(relays.RELAYS if args.compare else [])]:
                 front = _start_front(name, workdir, synapse.url, args.workers)
                 try:
                     runs.append(await _traffic(args, front, synapse, people, direct, proxied))

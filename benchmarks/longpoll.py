@@ -38,7 +38,7 @@ from collections.abc import Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
 
-from . import bodies
+from . import bodies, relays
 from .servers import PeakPss, Proc, cpu_seconds, free_port, peak_rss_mib, start_proxy, wait_port
 
 T = TypeVar("T")
@@ -50,11 +50,6 @@ TARGET_PSS_MIB = 150.0
 _SOFT_START = 1024  # the soft limit the proxy starts with, and must raise itself
 _RESERVE = 200  # beyond the clients': the proxy's own (descriptors.RESERVED)
 _STAMP = b"x-benchmark-upstream"  # the upstream's header: arrived, answered
-# What `--compare` sends the same long-polls through after the proxy (benchmarks/relays.py).
-_RELAYS = {
-    "uvicorn": "uvicorn relay (the proxy's server and pool, nothing judged)",
-    "uvloop": "uvloop relay (hand-written, nothing judged)",
-}
 
 
 def _answer(body: bytes) -> bytes:
@@ -190,9 +185,8 @@ def _start_relay(kind: str, upstream: str, port: int, open_files: tuple[int, int
     def limit() -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, open_files)
 
-    command = [sys.executable, "-m", "benchmarks.relays", kind, "--upstream", upstream,
-               "--listen", f"127.0.0.1:{port}"]  # fmt: skip
-    popen = subprocess.Popen(command, cwd=Path(__file__).resolve().parent.parent,
+    popen = subprocess.Popen(relays.command(kind, upstream, f"127.0.0.1:{port}"),
+                             cwd=Path(__file__).resolve().parent.parent,
                              preexec_fn=limit)  # fmt: skip
     wait_port(port)
     return Proc(f"{kind}-relay", popen)
@@ -200,7 +194,7 @@ def _start_relay(kind: str, upstream: str, port: int, open_files: tuple[int, int
 
 def measure(count: int, workdir: Path, front: str = "proxy") -> dict[str, float]:
     """One fresh upstream and proxy (default settings, one worker), `count` long-polls;
-    or, with `front` one of `_RELAYS`, that relay instead of the proxy."""
+    or, with `front` one of `relays.RELAYS`, that relay instead of the proxy."""
     _raise_own_limit()
     soft, hard = _proxy_limits(count)
     up_port, px_port = free_port(), free_port()
@@ -234,7 +228,7 @@ def measure(count: int, workdir: Path, front: str = "proxy") -> dict[str, float]
         there = [leg[0] for leg in legs] or [float("nan")]
         back = [leg[1] for leg in legs] or [float("nan")]
         return {
-            "front": _RELAYS.get(front, "proxy"),  # type: ignore[dict-item]
+            "front": relays.RELAYS.get(front, "proxy"),  # type: ignore[dict-item]
             "there_median_s": statistics.median(there), "there_max_s": max(there),
             "back_median_s": statistics.median(back), "back_max_s": max(back),
             "count": count, "answered": len(times), "failures": len(failures),
@@ -296,8 +290,8 @@ def main() -> int:
         rows = []
         for count in args.clients:
             print(f"{count} long-polls...", file=sys.stderr, flush=True)
-            relays = _RELAYS if args.compare and count == TARGET_COUNT else {}
-            for front in ["proxy", *relays]:
+            compared = relays.RELAYS if args.compare and count == TARGET_COUNT else {}
+            for front in ["proxy", *compared]:
                 stats = measure(count, workdir, front)
                 rows.append(row(stats))
                 print(rows[-1], flush=True)

@@ -43,6 +43,17 @@ from ignore_proxy.upstream import (
 )
 
 _HEAD_END = b"\r\n\r\n"
+# The relays by name, and how the benchmarks' tables call them.
+RELAYS = {
+    "uvicorn": "uvicorn relay (the proxy's server and pool, nothing judged)",
+    "uvloop": "uvloop relay (hand-written, nothing judged)",
+}
+
+
+def command(kind: str, upstream: str, listen: str) -> list[str]:
+    """The command line that serves relay `kind` (run from the repository's root)."""
+    return [sys.executable, "-m", "benchmarks.relays", kind, "--upstream", upstream,
+            "--listen", listen]  # fmt: skip
 
 
 class UvicornRelay:
@@ -192,7 +203,7 @@ async def _serve_uvloop(upstream: str, host: str, port: int) -> None:
 
 def main() -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks.relays", description=__doc__)
-    parser.add_argument("kind", choices=["uvicorn", "uvloop"])
+    parser.add_argument("kind", choices=list(RELAYS))
     parser.add_argument("--upstream", required=True)
     parser.add_argument("--listen", required=True, help="HOST:PORT")
     args = parser.parse_args()
