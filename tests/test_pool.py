@@ -9,7 +9,7 @@ import threading
 import time
 from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import pytest
 import trustme
@@ -22,6 +22,8 @@ from ignore_proxy.pool import (
 )
 
 from .servers import Upstream, serve_upstream
+
+T = TypeVar("T")
 
 TIMEOUTS = ExchangeTimeouts(connect=5, read=5, write=5, pool=5)
 
@@ -195,6 +197,24 @@ async def test_an_idle_connection_is_reused_only_within_the_keepalive_expiry() -
 _WHOLE_PAST_HIGH_WATER = 66_000
 
 
+def _tls_server_context(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> ssl.SSLContext:
+    """A server context for `localhost` under a test CA the pool is made to trust."""
+    authority = trustme.CA()
+    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
+    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    authority.issue_cert("localhost").configure_cert(context)
+    return context
+
+
+def _run_in(loop: str, coroutine: Coroutine[Any, Any, T]) -> T:
+    """`coroutine` run to its end in a new event loop of kind `loop`."""
+    if loop == "uvloop":
+        result: T = pytest.importorskip("uvloop").run(coroutine)
+        return result
+    return asyncio.run(coroutine)
+
+
 def _serve_tls_then_send_out_of_turn(
     listener: socket.socket, context: ssl.SSLContext, stray_sent: threading.Event
 ) -> None:
@@ -252,14 +272,7 @@ def test_an_idle_tls_connection_holding_bytes_out_of_turn_is_not_reused(
     answer that came whole past the high-water mark) waits in the TLS layer, off the
     socket, and is handed over only on the event loop's next turn. No poll of the socket
     sees it; taken for the next request's answer, it would be another request's data."""
-    authority = trustme.CA()
-    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(context)
-    run: Callable[[Coroutine[Any, Any, bytes]], bytes] = asyncio.run
-    if loop == "uvloop":
-        run = pytest.importorskip("uvloop").run
+    context = _tls_server_context(tmp_path, monkeypatch)
     stray_sent = threading.Event()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -267,7 +280,7 @@ def test_an_idle_tls_connection_holding_bytes_out_of_turn_is_not_reused(
         threading.Thread(target=_serve_tls_then_send_out_of_turn,
                          args=(listener, context, stray_sent), daemon=True).start()  # fmt: skip
         port = listener.getsockname()[1]
-        assert run(_reuse_after_bytes_held_by_tls(port, stray_sent)) == b"fresh"
+        assert _run_in(loop, _reuse_after_bytes_held_by_tls(port, stray_sent)) == b"fresh"
 
 
 def _serve_tls_answer_ended_by_close(
@@ -312,14 +325,7 @@ def test_an_answer_ended_by_the_close_over_tls_is_whole_or_cut(
     """What TLS held while the pool's reading was paused (a client slower than the
     homeserver) is dropped by uvloop when the stream ends: an answer that ends with the
     connection must then come out cut, never shorter and looking whole."""
-    authority = trustme.CA()
-    authority.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
-    monkeypatch.setenv("SSL_CERT_FILE", str(tmp_path / "ca.pem"))
-    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
-    authority.issue_cert("localhost").configure_cert(context)
-    run: Callable[[Coroutine[Any, Any, int | str]], int | str] = asyncio.run
-    if loop == "uvloop":
-        run = pytest.importorskip("uvloop").run
+    context = _tls_server_context(tmp_path, monkeypatch)
     closed = threading.Event()
     with socket.socket() as listener:
         listener.bind(("127.0.0.1", 0))
@@ -327,7 +333,7 @@ def test_an_answer_ended_by_the_close_over_tls_is_whole_or_cut(
         threading.Thread(target=_serve_tls_answer_ended_by_close,
                          args=(listener, context, closed), daemon=True).start()  # fmt: skip
         port = listener.getsockname()[1]
-        assert run(_read_after_close(port, closed)) in (200_000, "BadAnswer")
+        assert _run_in(loop, _read_after_close(port, closed)) in (200_000, "BadAnswer")
 
 
 async def test_an_idle_connection_whose_socket_is_unknown_is_not_reused() -> None:
