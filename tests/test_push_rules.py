@@ -276,6 +276,26 @@ async def test_an_answer_the_proxy_cannot_judge_is_refused(
         assert NAMESPACE not in got.text
 
 
+@pytest.mark.parametrize("path", ["sync", "initialSync"])
+async def test_a_sync_whose_push_rules_cannot_be_judged_is_refused(
+    hs: FakeHomeserver, path: str
+) -> None:
+    hs.ignore(ALICE, BOB)
+    content = {"global": {"override": {"x": rule_of(BOB)}}}  # one of the proxy's, no list's item
+    events = [{"type": "m.push_rules", "content": content}]
+    body = {
+        "next_batch": "s",
+        "account_data": events if path == "initialSync" else {"events": events},
+    }
+    hs.answers[("GET", f"/{path}")] = body
+    app = build_app(hs, ignore_suppress_push="true")
+    async with client_for(app, "alice-token") as alice:
+        got = await alice.get(f"{CS}/{path}")
+        assert got.status_code == 502
+        assert got.json()["errcode"] == "M_UNKNOWN"
+        assert NAMESPACE not in got.text
+
+
 async def test_the_keeper_caps_the_rules_and_keeps_those_held() -> None:
     hs = FakeHomeserver()
     store = RuleStore(hs)
