@@ -220,7 +220,7 @@ class Mentions:
         "_longest",
         "_others",
         "_others_escapes",
-        "_others_ids",
+        "_others_only",
         "_short",
         "all_at",
         "chars",
@@ -251,8 +251,8 @@ class Mentions:
         """Bytes between the quotes of the longest spelling of an ID, or more."""
         self.all_at = not others
         """Every ID starts with ``@`` (as every user ID does)."""
-        self._others_ids = others
         at_ids = [uid for uid in self.ids if uid.startswith("@")]
+        self._others_only = not at_ids
         self.chars = frozenset("".join(at_ids))
         """The characters of the IDs that start with ``@``."""
         self.short: re.Pattern[bytes] | None = None
@@ -277,7 +277,7 @@ class Mentions:
         if self._others is not None:
             if self._others_found(data):
                 return Found(self.ids, frozenset(), True)
-            if len(self._others_ids) == len(self.ids):
+            if self._others_only:
                 return _NOTHING  # no ID starts with "@": nothing more to look for
         if self.short is not None and self.short_escapes.search(data) is None:
             # no escape could spell a character of an ID: each is spelled minimally
@@ -318,11 +318,6 @@ class Mentions:
                 ids.add(decoded[0])
                 keys.add(_scan_key(data[start : decoded[1]]))
                 keys.add(_scan_key(_minimal_spelling(decoded[0])))
-
-    def in_bytes(self, data: bytes | memoryview | msgspec.Raw) -> bool:
-        """True unless ``data`` certainly holds none of the IDs."""
-        found = self.found(data)
-        return found.always or bool(found.ids)
 
     def decode_at(self, data: bytes, start: int) -> tuple[str, int] | None:
         """The value of the string whose spelling starts at ``start`` and where its
