@@ -218,7 +218,9 @@ class FilteredRead(Handler):
             return self.list_unavailable(svc, response)
         if hidden is not None:
             return hidden
-        if self.account_data is None and not ignored and call.event_fields is None:
+        hides_rules = self.push_rules is not None and svc.push_rule_keeper is not None
+        parses_anyway = self.account_data is not None or hides_rules
+        if not parses_anyway and not ignored and call.event_fields is None:
             return Relay(response)  # nobody ignored: stream it, never parse it
         body = await svc.read_answer(call, response)
         if self.account_data is not None and rewrite.mentions_any(body, _IGNORE_LIST_TYPE):
@@ -226,7 +228,8 @@ class FilteredRead(Handler):
                 seen = self.account_data(body)
                 if seen is not None:
                     svc.ignore_lists.set(user_id, seen, asked_at=call.asked_at)
-        if self.push_rules is not None and svc.push_rule_keeper is not None:
+        if hides_rules:
+            # Even for a user ignoring nobody: rules the proxy could not delete remain.
             body = self.hide_push_rules(svc, call, user_id, body)
         try:
             ignored = await svc.list_now(call, user_id)

@@ -296,6 +296,21 @@ async def test_a_sync_whose_push_rules_cannot_be_judged_is_refused(
         assert NAMESPACE not in got.text
 
 
+async def test_an_initial_sync_of_a_user_ignoring_nobody_hides_rules_left_over(
+    hs: FakeHomeserver, store: RuleStore
+) -> None:
+    hs.ignore(ALICE)
+    store.rules[ALICE] = [rule_of(BOB)]  # left when the unignore could not delete it
+    hs.answers[("GET", "/initialSync")] = lambda _: httpx.Response(200, json={
+        "end": "s", "rooms": [], "presence": [],
+        "account_data": [{"type": "m.push_rules", "content": store.ruleset(ALICE)}]})  # fmt: skip
+    app = build_app(hs, ignore_suppress_push="true")
+    async with client_for(app, "alice-token") as alice:
+        got = await alice.get(f"{CS}/initialSync")
+        assert got.status_code == 200
+        assert NAMESPACE not in got.text and ".m.rule.master" in got.text
+
+
 async def test_the_keeper_caps_the_rules_and_keeps_those_held() -> None:
     hs = FakeHomeserver()
     store = RuleStore(hs)
