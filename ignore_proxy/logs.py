@@ -64,11 +64,10 @@ def configure(settings: Settings) -> None:
 
 def log_start(settings: Settings) -> None:
     """What the proxy serves and with which settings: the line to read when it misbehaves."""
-    url = urlsplit(settings.upstream)
-    # A URL's user:password is the one secret a setting could hold.
-    upstream = url._replace(netloc=url.netloc.rpartition("@")[2]).geturl()
+    upstream = _without_secrets(settings.upstream)
     effective = msgspec.to_builtins(settings)
     effective["upstream"] = upstream
+    effective["cluster"]["redis_url"] = _without_secrets(settings.cluster.redis_url)
     others = " ".join(
         # As TOML writes them, so a line can be compared with the config file.
         f"{section}.{key}={str(value).lower() if isinstance(value, bool) else value}"
@@ -82,6 +81,13 @@ def log_start(settings: Settings) -> None:
         settings.metrics.listen or "off", others,
         extra={"fields": {"version": __version__, "settings": effective}},
     )  # fmt: skip
+
+
+def _without_secrets(url: str) -> str:
+    """A URL setting as it may be logged: without its user:password, nor its query, where
+    Redis takes a `password=` too."""
+    parts = urlsplit(url)
+    return parts._replace(netloc=parts.netloc.rpartition("@")[2], query="").geturl()
 
 
 class _RateLimit:

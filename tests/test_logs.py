@@ -4,6 +4,7 @@ command line, read from its stderr."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import re
 import socket
 import threading
@@ -15,7 +16,8 @@ import httpx
 import pytest
 import trustme
 
-from ignore_proxy.logs import _RateLimit
+from ignore_proxy.config import load_settings
+from ignore_proxy.logs import _RateLimit, log_start
 
 from .servers import Upstream, free_port, run_proxy, serve_upstream
 
@@ -153,3 +155,20 @@ def test_an_answer_cut_off_while_relayed_is_one_warning_too(tmp_path: Path) -> N
     (warning,) = warnings_of(log_path.read_text())
     assert "upstream bad answer: the answer was cut off: " in warning, warning
     assert warning.endswith("; route relayed id=-"), warning
+
+
+def test_the_start_line_holds_no_redis_password(caplog: pytest.LogCaptureFixture) -> None:
+    settings = load_settings(
+        environ={
+            "IGNORE_PROXY_CLUSTER_REDIS_URL": "redis://ops:hunter2@redis.example:6379/0"
+            "?password=hunter3"
+        }
+    )
+    with caplog.at_level(logging.INFO, logger="ignore_proxy.start"):
+        log_start(settings)
+    (record,) = caplog.records
+    line = record.getMessage()
+    assert "cluster.redis_url=redis://redis.example:6379/0 " in line, line
+    fields = repr(record.__dict__["fields"])
+    for secret in ("hunter2", "hunter3", "ops"):
+        assert secret not in line and secret not in fields
