@@ -258,9 +258,8 @@ class IdentityResolver:
 
     async def resolve(self, creds: Credentials) -> str | None:
         """The effective user ID, or None when the homeserver rejects the credentials."""
-        user_id = self._cache.get(creds)
+        user_id = self.cached(creds)
         if user_id is not None:
-            self.hits += 1
             return user_id
         if creds in self._negative:
             self.hits += 1

@@ -175,9 +175,7 @@ class IgnoreListStore:
         self.wait_shared: Callable[[str], Awaitable[None]] | None = None
 
     async def ensure_fresh(self, user_id: str, creds: Credentials) -> None:
-        entry = self._entries.get(user_id)
-        if entry is not None and self._timer() < entry.fresh_until:
-            self.hits += 1
+        if self.fresh(user_id):
             return
         self.misses += 1
         for _ in range(_MAX_SUPERSEDED_READS):
