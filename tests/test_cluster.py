@@ -76,10 +76,6 @@ async def until(condition: Callable[[], bool]) -> None:
         await asyncio.sleep(0.02)
 
 
-def known_by_b(b: Instance) -> Callable[[], bool]:
-    return lambda: b.store.known(ALICE)
-
-
 async def test_a_write_through_one_instance_makes_the_other_read_the_list_again(
     instances: tuple[Instance, Instance], upstream: respx.MockRouter
 ) -> None:
