@@ -509,6 +509,7 @@ async def test_forget_all_drops_every_list_and_the_reads_in_flight(
     route = upstream.get(ALICE_PATH).mock(side_effect=answer)
     loading = asyncio.create_task(store.ensure_fresh(ALICE, Credentials("tok")))
     await asyncio.sleep(0.01)
+    clock.now += 1  # asked for after bob's own write: only forget_all makes it too old
     asked_before = store.now()
     clock.now += 1
     store.forget_all()
